@@ -1,0 +1,189 @@
+"""ALBEF — Align before Fuse (Li et al., NeurIPS 2021; reference code salesforce/ALBEF).
+
+What we follow (see ../shared/specs/albef.md):
+- Image encoder: a ViT (timm ``VisionTransformer``), all tokens with [CLS] first.
+- Text encoder: the first ``text_layers`` BERT layers; fusion encoder: the last ``fusion_layers`` BERT layers, each
+  with an added cross-attention to the image tokens (BERT-base split 6 + 6 at base scale).
+- ITC: linear projections of the image and text [CLS] to ``embed_dim``, L2-normalised, learnable temperature clamped
+  to [temperature_min, temperature_max]; contrasted against in-batch momentum features plus feature queues.
+- Momentum model: an EMA copy (``momentum``) of every online tower (image, text, fusion, projections, MLM head); the
+  momentum features fill the queues and give the distillation targets (weight ``alpha``, ramped from 0 over
+  ``alpha_warmup_steps`` — the paper ramps over the first epoch).
+- ITM: binary classifier on the fusion [CLS], one hard negative text per image and one hard negative image per text,
+  sampled ∝ softmax(ITC similarity) over the batch, positive excluded.
+- MLM: BERT 15 % masking (80/10/10), predicted by the fusion encoder conditioned on the image, distilled from the
+  momentum model's predictions.
+
+Choices the paper leaves open, and ours:
+- The queue is a ring buffer that wraps around, so its size need not be a multiple of the batch size (the reference
+  asserts divisibility).
+- The shared-head joint encoding is the fusion encoder's [CLS] state (ALBEF has no pooler on the fusion output).
+- Nothing is pre-trained or downloaded by default; paper initialisation (DeiT / BERT-base weights) comes with the
+  checkpoint import of a later issue.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from vlbench.models.base import Batch, JointEncoding, ModelContext, TextSizes, VisionLanguageModel
+from vlbench.models.layers import MaskedLMHead, TextEncoder, TransformerStack, build_vit, init_bert_weights
+from vlbench.models.losses import (
+    distillation_targets,
+    enqueue,
+    image_text_contrastive_loss,
+    mask_tokens,
+    momentum_update,
+    sample_hard_negatives,
+    soft_cross_entropy,
+)
+from vlbench.registry import MODELS
+
+
+class AlbefTowers(nn.Module):
+    """Every module the momentum model mirrors: image encoder, text encoder, fusion encoder, projections, MLM head."""
+
+    def __init__(self, cfg: DictConfig, ctx: ModelContext, sizes: TextSizes):
+        super().__init__()
+        self.visual_encoder = build_vit(
+            ctx.image_size, cfg.vit_patch_size, cfg.vit_hidden_size, cfg.vit_depth, cfg.vit_num_heads
+        )
+        self.text_encoder = TextEncoder(ctx.vocab_size, sizes, cfg.text_layers)
+        self.fusion_encoder = TransformerStack(sizes, cfg.fusion_layers, cross_attention_size=cfg.vit_hidden_size)
+        self.vision_proj = nn.Linear(cfg.vit_hidden_size, cfg.embed_dim)
+        self.text_proj = nn.Linear(sizes.hidden_size, cfg.embed_dim)
+        self.mlm_head = MaskedLMHead(self.text_encoder.embeddings.word_embeddings)
+        for module in (self.text_encoder, self.fusion_encoder, self.vision_proj, self.text_proj, self.mlm_head):
+            init_bert_weights(module)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens (B, 1+N, Dv) and the normalised ITC feature (B, E)."""
+        tokens = self.visual_encoder.forward_features(pixel_values)
+        return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens (B, L, H) and the normalised ITC feature (B, E)."""
+        tokens = self.text_encoder(input_ids, attention_mask)
+        return tokens, F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
+
+    def fuse(self, text_tokens, attention_mask, image_tokens) -> torch.Tensor:
+        image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device)
+        return self.fusion_encoder(text_tokens, attention_mask, image_tokens, image_mask)
+
+
+@MODELS.register("albef")
+class ALBEF(VisionLanguageModel):
+    visual_input = "pixels"
+
+    def __init__(self, cfg: DictConfig, ctx: ModelContext):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+        sizes = TextSizes(**cfg.text)
+        self.hidden_size = sizes.hidden_size
+        self.online = AlbefTowers(cfg, ctx, sizes)
+        self.temp = nn.Parameter(torch.tensor(float(cfg.temperature)))
+        self.itm_head = nn.Linear(sizes.hidden_size, 2)
+        init_bert_weights(self.itm_head)
+        self.momentum_model = copy.deepcopy(self.online)
+        self.momentum_model.requires_grad_(False)
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    # ----- the contract -----------------------------------------------------------------------------------------
+    def encode(self, batch: Batch) -> JointEncoding:
+        image_tokens = self.online.visual_encoder.forward_features(batch["pixel_values"])
+        text_tokens = self.online.text_encoder(batch["input_ids"], batch["attention_mask"])
+        fused = self.online.fuse(text_tokens, batch["attention_mask"], image_tokens)
+        return JointEncoding(pooled=fused[:, 0], tokens=fused, mask=batch["attention_mask"])
+
+    def alpha_at(self, step: int) -> float:
+        if not self.cfg.distill:
+            return 0.0
+        if self.cfg.alpha_warmup_steps <= 0:
+            return float(self.cfg.alpha)
+        return float(self.cfg.alpha) * min(1.0, step / self.cfg.alpha_warmup_steps)
+
+    def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """ITC + ITM + MLM as in the reference ``ALBEF.forward`` (pre-training), each returned separately."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        alpha = self.alpha_at(step)
+        with torch.no_grad():
+            self.temp.clamp_(self.cfg.temperature_min, self.cfg.temperature_max)
+
+        image_tokens, image_feat = self.online.encode_image(batch["pixel_values"])
+        text_tokens, text_feat = self.online.encode_text(input_ids, attention_mask)
+
+        with torch.no_grad():
+            momentum_update(self.online, self.momentum_model, self.cfg.momentum)
+            image_tokens_m, image_feat_m = self.momentum_model.encode_image(batch["pixel_values"])
+            _, text_feat_m = self.momentum_model.encode_text(input_ids, attention_mask)
+
+        loss_itc, sim_i2t, sim_t2i = image_text_contrastive_loss(
+            image_feat,
+            text_feat,
+            image_feat_m,
+            text_feat_m,
+            self.image_queue.clone().detach(),
+            self.text_queue.clone().detach(),
+            self.temp,
+            alpha,
+        )
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+
+        loss_itm = self._itm_loss(text_tokens, attention_mask, image_tokens, sim_i2t, sim_t2i)
+        loss_mlm = self._mlm_loss(input_ids, attention_mask, image_tokens, image_tokens_m, alpha)
+        return {"itc": loss_itc, "itm": loss_itm, "mlm": loss_mlm}
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
+        start = int(self.queue_ptr.item())
+        enqueue(self.image_queue, start, image_feat_m)
+        enqueue(self.text_queue, start, text_feat_m)
+        self.queue_ptr.fill_((start + image_feat_m.shape[0]) % self.image_queue.shape[1])
+
+    # ----- objectives ---------------------------------------------------------------------------------------------
+    def _itm_loss(self, text_tokens, attention_mask, image_tokens, sim_i2t, sim_t2i) -> torch.Tensor:
+        batch = text_tokens.shape[0]
+        neg_text_for_image, neg_image_for_text = sample_hard_negatives(sim_i2t, sim_t2i)
+        positive = self.online.fuse(text_tokens, attention_mask, image_tokens)[:, 0]
+        # negatives: (every text, its hard negative image) then (every image, its hard negative text)
+        neg_texts = torch.cat([text_tokens, text_tokens[neg_text_for_image]])
+        neg_masks = torch.cat([attention_mask, attention_mask[neg_text_for_image]])
+        neg_images = torch.cat([image_tokens[neg_image_for_text], image_tokens])
+        negative = self.online.fuse(neg_texts, neg_masks, neg_images)[:, 0]
+        logits = self.itm_head(torch.cat([positive, negative]))
+        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
+        return F.cross_entropy(logits, labels)
+
+    def _mlm_loss(self, input_ids, attention_mask, image_tokens, image_tokens_m, alpha) -> torch.Tensor:
+        special = [self.ctx.pad_token_id, self.ctx.cls_token_id, self.ctx.sep_token_id]
+        masked_ids, labels = mask_tokens(
+            input_ids,
+            attention_mask,
+            self.ctx.vocab_size,
+            self.ctx.mask_token_id,
+            special,
+            self.cfg.mlm_probability,
+        )
+        chosen = labels != -100
+        if not chosen.any():  # nothing masked in this batch (tiny texts): contribute a zero that keeps the graph
+            return self.online.mlm_head.dense.weight.sum() * 0.0
+        text_tokens = self.online.text_encoder(masked_ids, attention_mask)
+        logits = self.online.mlm_head(self.online.fuse(text_tokens, attention_mask, image_tokens))[chosen]
+        hard = F.one_hot(labels[chosen], self.ctx.vocab_size).float()
+        if alpha > 0:
+            with torch.no_grad():
+                text_tokens_m = self.momentum_model.text_encoder(masked_ids, attention_mask)
+                fused_m = self.momentum_model.fuse(text_tokens_m, attention_mask, image_tokens_m)
+                logits_m = self.momentum_model.mlm_head(fused_m)[chosen]
+            targets = distillation_targets(logits_m, hard, alpha)
+        else:
+            targets = hard
+        return soft_cross_entropy(logits, targets)

@@ -1,0 +1,203 @@
+"""Building blocks shared by every model family: BERT-style embeddings and layers, the ViT factory, heads.
+
+Why our own BERT layer rather than ``transformers.BertLayer``: since transformers 5 a BertLayer with cross-attention
+must be a (causal) decoder, while ALBEF's fusion layers (and LXMERT's/UNIMO's cross layers) are bidirectional with
+cross-attention. The layer below is BERT's exactly (post-LayerNorm, GELU, the same sub-module order and parameter
+shapes), with attention through ``torch.nn.functional.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlbench.models.base import TextSizes
+
+
+class MultiHeadAttention(nn.Module):
+    """Self- or cross-attention with separate Q/K/V projections (BERT's layout) and an output projection."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, context_size: int | None = None):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
+        context_size = context_size or hidden_size
+        self.num_heads = num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(context_size, hidden_size)
+        self.value = nn.Linear(context_size, hidden_size)
+        self.dropout = dropout
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, L, H); context: (B, S, C) (x itself when None); context_mask: (B, S) with 1/True = attend."""
+        context = x if context is None else context
+        b, length, hidden = x.shape
+        heads = self.num_heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, heads, T, H/heads)
+            return t.view(b, t.shape[1], heads, hidden // heads).transpose(1, 2)
+
+        q, k, v = split(self.query(x)), split(self.key(context)), split(self.value(context))
+        attn_mask = None if context_mask is None else context_mask.bool()[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return out.transpose(1, 2).reshape(b, length, hidden)
+
+
+class ResidualLayerNorm(nn.Module):
+    """BERT's ``*Output`` block: dense → dropout → add residual → LayerNorm (post-LN)."""
+
+    def __init__(self, in_size: int, hidden_size: int, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(in_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=1e-12)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class TransformerLayer(nn.Module):
+    """One BERT layer: self-attention, optional cross-attention to another stream, feed-forward."""
+
+    def __init__(self, sizes: TextSizes, cross_attention_size: int | None = None):
+        super().__init__()
+        h, p = sizes.hidden_size, sizes.dropout
+        self.attention = MultiHeadAttention(h, sizes.num_heads, p)
+        self.attention_output = ResidualLayerNorm(h, h, p)
+        self.has_cross_attention = cross_attention_size is not None
+        if self.has_cross_attention:
+            self.crossattention = MultiHeadAttention(h, sizes.num_heads, p, context_size=cross_attention_size)
+            self.crossattention_output = ResidualLayerNorm(h, h, p)
+        self.intermediate = nn.Linear(h, sizes.intermediate_size)
+        self.output = ResidualLayerNorm(sizes.intermediate_size, h, p)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.attention_output(self.attention(x, context_mask=mask), x)
+        if self.has_cross_attention:
+            if context is None:
+                raise ValueError("this layer has cross-attention: pass the other stream as `context`")
+            x = self.crossattention_output(self.crossattention(x, context, context_mask), x)
+        return self.output(F.gelu(self.intermediate(x)), x)
+
+
+class TextEmbeddings(nn.Module):
+    """BERT embeddings: word + learned position + token type, LayerNorm, dropout."""
+
+    def __init__(self, vocab_size: int, sizes: TextSizes, type_vocab_size: int = 2):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, sizes.hidden_size)
+        self.position_embeddings = nn.Embedding(sizes.max_position_embeddings, sizes.hidden_size)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, sizes.hidden_size)
+        self.LayerNorm = nn.LayerNorm(sizes.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(sizes.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if length > self.position_embeddings.num_embeddings:
+            raise ValueError(
+                f"text of {length} tokens exceeds max_position_embeddings={self.position_embeddings.num_embeddings}"
+            )
+        positions = torch.arange(length, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        x = x + self.token_type_embeddings(types)
+        return self.dropout(self.LayerNorm(x))
+
+
+class TransformerStack(nn.Module):
+    """A stack of TransformerLayers; with ``cross_attention_size`` every layer also attends to a context stream."""
+
+    def __init__(self, sizes: TextSizes, num_layers: int, cross_attention_size: int | None = None):
+        super().__init__()
+        self.layer = nn.ModuleList(TransformerLayer(sizes, cross_attention_size) for _ in range(num_layers))
+
+    def forward(self, x, mask=None, context=None, context_mask=None) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, mask, context, context_mask)
+        return x
+
+
+class TextEncoder(nn.Module):
+    """Embeddings + a BERT stack: the unimodal text encoder every family shares."""
+
+    def __init__(self, vocab_size: int, sizes: TextSizes, num_layers: int):
+        super().__init__()
+        self.embeddings = TextEmbeddings(vocab_size, sizes)
+        self.encoder = TransformerStack(sizes, num_layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embeddings(input_ids), attention_mask)
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's LM prediction head: dense + GELU + LayerNorm, then a decoder tied to the word embeddings."""
+
+    def __init__(self, word_embeddings: nn.Embedding):
+        super().__init__()
+        hidden = word_embeddings.embedding_dim
+        self.dense = nn.Linear(hidden, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)
+        self.decoder = nn.Linear(hidden, word_embeddings.num_embeddings)
+        self.decoder.weight = word_embeddings.weight
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.LayerNorm(F.gelu(self.dense(hidden_states))))
+
+
+class MLPClassifier(nn.Module):
+    """The shared classification head: Linear → GELU → LayerNorm → (dropout) → Linear (as in BUTD/ALBEF-style VQA)."""
+
+    def __init__(self, in_size: int, hidden_size: int, num_outputs: int, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_size, hidden_size),
+            nn.GELU(),
+            nn.LayerNorm(hidden_size, eps=1e-12),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_size, num_outputs),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_vit(image_size: int, patch_size: int, hidden_size: int, depth: int, num_heads: int) -> nn.Module:
+    """A timm VisionTransformer returning all tokens ([CLS] first), randomly initialised (nothing is downloaded)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of the ViT patch size {patch_size}")
+    return VisionTransformer(
+        img_size=image_size,
+        patch_size=patch_size,
+        embed_dim=hidden_size,
+        depth=depth,
+        num_heads=num_heads,
+        num_classes=0,
+        global_pool="",
+    )
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation (normal(0, 0.02) for Linear/Embedding, unit LayerNorm); timm modules keep their own."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

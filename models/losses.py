@@ -1,0 +1,113 @@
+"""Pre-training losses shared by the families: ITC with momentum distillation, ITM hard negatives, MLM masking.
+
+Written once here (as open_clip keeps its contrastive loss in one module) so every family computes them the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of −Σ targets · log_softmax(logits): cross-entropy against a distribution."""
+    return -(F.log_softmax(logits, dim=-1) * targets).sum(dim=-1).mean()
+
+
+def distillation_targets(momentum_logits: torch.Tensor, hard_targets: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ALBEF's momentum distillation: (1 − α) · ground truth + α · softmax(momentum model's logits)."""
+    return alpha * F.softmax(momentum_logits, dim=-1) + (1 - alpha) * hard_targets
+
+
+def image_text_contrastive_loss(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    temperature: torch.Tensor,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ITC in both directions against in-batch momentum features plus the queues, with distilled targets.
+
+    image_feat/text_feat: (B, D) L2-normalised online features; *_m the momentum ones (no grad);
+    queues: (D, Q). Returns (loss, sim_i2t, sim_t2i) where sims are (B, B + Q), online vs momentum + queue.
+    """
+    batch = image_feat.shape[0]
+    with torch.no_grad():
+        image_feat_all = torch.cat([image_feat_m.t(), image_queue], dim=1)  # (D, B + Q)
+        text_feat_all = torch.cat([text_feat_m.t(), text_queue], dim=1)
+        hard = torch.zeros(batch, image_feat_all.shape[1], device=image_feat.device)
+        hard.fill_diagonal_(1)
+        i2t_targets = distillation_targets(image_feat_m @ text_feat_all / temperature, hard, alpha)
+        t2i_targets = distillation_targets(text_feat_m @ image_feat_all / temperature, hard, alpha)
+    sim_i2t = image_feat @ text_feat_all / temperature
+    sim_t2i = text_feat @ image_feat_all / temperature
+    loss = (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image a negative text, for each text a negative image, drawn ∝ softmax(similarity), never the positive.
+
+    sim_*: (B, ≥B) similarities whose first B columns are the in-batch pairs. Returns (negative text index per
+    image, negative image index per text), each (B,). As in ALBEF, 1e-4 is added so an all-zero row cannot occur.
+    """
+    batch = sim_i2t.shape[0]
+    if batch < 2:
+        raise ValueError("ITM hard negatives need a batch of at least 2 pairs")
+    with torch.no_grad():
+        weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1) + 1e-4
+        weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1) + 1e-4
+        weights_i2t.fill_diagonal_(0)
+        weights_t2i.fill_diagonal_(0)
+        neg_text_for_image = torch.multinomial(weights_i2t, 1).squeeze(1)
+        neg_image_for_text = torch.multinomial(weights_t2i, 1).squeeze(1)
+    return neg_text_for_image, neg_image_for_text
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    vocab_size: int,
+    mask_token_id: int,
+    special_token_ids: list[int],
+    probability: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: choose `probability` of the real tokens; of those 80% → [MASK], 10% → random token, 10% kept.
+
+    Returns (masked input ids, labels with −100 where not chosen). Special tokens and padding are never chosen.
+    """
+    device = input_ids.device
+    probs = torch.full(input_ids.shape, probability, device=device)
+    never = ~attention_mask.bool()
+    for token_id in special_token_ids:
+        never |= input_ids == token_id
+    probs.masked_fill_(never, 0.0)
+    chosen = torch.bernoulli(probs, generator=generator).bool()
+    labels = input_ids.masked_fill(~chosen, -100)
+    masked = input_ids.clone()
+    to_mask = torch.bernoulli(torch.full(input_ids.shape, 0.8, device=device), generator=generator).bool() & chosen
+    masked[to_mask] = mask_token_id
+    to_random = (
+        torch.bernoulli(torch.full(input_ids.shape, 0.5, device=device), generator=generator).bool() & chosen & ~to_mask
+    )
+    random_ids = torch.randint(vocab_size, input_ids.shape, device=device, generator=generator)
+    masked[to_random] = random_ids[to_random]
+    return masked, labels
+
+
+@torch.no_grad()
+def momentum_update(online: torch.nn.Module, momentum_model: torch.nn.Module, momentum: float) -> None:
+    """EMA: θ_m ← m · θ_m + (1 − m) · θ (parameters only, as in ALBEF/MoCo)."""
+    for p_m, p in zip(momentum_model.parameters(), online.parameters(), strict=True):
+        p_m.mul_(momentum).add_(p.detach(), alpha=1 - momentum)
+
+
+@torch.no_grad()
+def enqueue(queue: torch.Tensor, start: int, features: torch.Tensor) -> None:
+    """Write (B, D) features into a (D, Q) ring-buffer queue from column `start`, wrapping around."""
+    index = (start + torch.arange(features.shape[0], device=queue.device)) % queue.shape[1]
+    queue[:, index] = features.t().to(queue.dtype)

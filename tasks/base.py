@@ -1,0 +1,82 @@
+"""The task side of the model ↔ task contract: datasets, targets, the shared head, loss, metric, prediction files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import Dataset
+
+from vlbench.models.base import Batch
+
+
+@dataclass
+class EvalResult:
+    main_metric: str
+    metrics: dict[str, float]
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def main_value(self) -> float:
+        return self.metrics[self.main_metric]
+
+
+def pad_sequences(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to the longest: (ids (B, L), attention mask (B, L))."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+class Task:
+    """Base class. ``head_kind`` names the native head a model may offer instead of the shared one."""
+
+    head_kind: str = ""
+
+    def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
+        self.cfg = cfg
+        self.data_cfg = data_cfg
+        self.data_root = data_root
+        self.tokenizer = tokenizer
+        self.visual_input = visual_input
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def num_groups(self) -> int:
+        return 1
+
+    @property
+    def num_outputs(self) -> int:
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def build_shared_head(self, hidden_size: int) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, outputs: torch.Tensor, batch: Batch, split: str) -> list[dict]:
+        raise NotImplementedError
+
+    def evaluate(self, split: str, predictions: list[dict]) -> EvalResult | None:
+        """Scores for an annotated split; None when the split has no public labels (predictions are still written)."""
+        raise NotImplementedError
+
+    def write_predictions(self, predictions: list[dict], path_stem: Path) -> Path:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {}

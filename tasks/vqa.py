@@ -1,0 +1,311 @@
+"""VQA v2: official files in, official accuracy and results JSON out, a shared answer-classifier head.
+
+Protocol (recorded in every run): the answer vocabulary is the top-K normalised ``multiple_choice_answer`` strings of
+the training split by frequency (ties alphabetical); targets are the official per-answer accuracies of each candidate
+(the leave-one-out mean of min(1, matches/3) — 0.3/0.6/0.9/1.0 for 1/2/3/≥4 annotators); the loss is binary
+cross-entropy over the vocabulary, summed over answers and averaged over questions (bottom-up-attention's
+convention); predictions are the arg-max answer; scores come from ``tasks/vqa_eval.py`` (the official evaluator).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import Dataset
+
+from vlbench.data.images import ImageLoader
+from vlbench.errors import VlbenchError
+from vlbench.models.base import Batch, JointEncoding
+from vlbench.models.layers import MLPClassifier
+from vlbench.registry import TASKS
+from vlbench.tasks.base import EvalResult, Task, pad_sequences
+from vlbench.tasks.vqa_eval import evaluate_vqa, normalize_answer, question_accuracy
+
+
+@dataclass
+class VQAExample:
+    question_id: int
+    image_id: int
+    question: str
+    image_path: Path
+    question_type: str | None = None
+    answer_type: str | None = None
+    answers: list[str] | None = None  # the 10 raw annotator answers, when the split is annotated
+    multiple_choice_answer: str | None = None
+
+
+def read_json(path: Path) -> dict | list:
+    if not path.is_file():
+        raise VlbenchError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise VlbenchError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    except UnicodeDecodeError as e:
+        raise VlbenchError(f"{path}: not UTF-8 text ({e.reason})") from e
+
+
+def _require(record: object, keys: tuple[str, ...], path: Path, what: str) -> None:
+    if not isinstance(record, dict):
+        raise VlbenchError(f"{path}: {what} is a {type(record).__name__}, expected an object with keys {keys}")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise VlbenchError(f"{path}: {what} lacks key(s) {missing} (expected {list(keys)})")
+
+
+def _records(doc: object, key: str, path: Path) -> list:
+    if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
+        raise VlbenchError(f"{path}: expected a JSON object with a list under {key!r} (official VQA v2 format)")
+    return doc[key]
+
+
+def read_vqa_split(root: Path, subtype: str, image_template: str) -> tuple[list[VQAExample], bool]:
+    """Read ``v2_OpenEnded_mscoco_<subtype>_questions.json`` and, if present, ``v2_mscoco_<subtype>_annotations.json``.
+
+    Returns (examples, annotated). Every referenced image must exist: a missing one is reported before training.
+    """
+    q_path = root / f"v2_OpenEnded_mscoco_{subtype}_questions.json"
+    a_path = root / f"v2_mscoco_{subtype}_annotations.json"
+    questions = _records(read_json(q_path), "questions", q_path)
+    annotations: dict[int, dict] = {}
+    annotated = a_path.exists()
+    if annotated:
+        for i, ann in enumerate(_records(read_json(a_path), "annotations", a_path)):
+            _require(
+                ann,
+                ("question_id", "answers", "multiple_choice_answer", "question_type", "answer_type"),
+                a_path,
+                f"annotation #{i}",
+            )
+            if not isinstance(ann["answers"], list) or not all(
+                isinstance(a, dict) and isinstance(a.get("answer"), str) for a in ann["answers"]
+            ):
+                raise VlbenchError(f"{a_path}: annotation #{i} 'answers' must be a list of {{'answer': str, ...}}")
+            annotations[ann["question_id"]] = ann
+    examples = []
+    image_exists: dict[int, bool] = {}
+    for i, q in enumerate(questions):
+        _require(q, ("question_id", "image_id", "question"), q_path, f"question #{i}")
+        image_path = root / image_template.format(subtype=subtype, image_id=q["image_id"])
+        if q["image_id"] not in image_exists:
+            image_exists[q["image_id"]] = image_path.is_file()
+        if not image_exists[q["image_id"]]:
+            raise VlbenchError(
+                f"{q_path}: question {q['question_id']} refers to image {q['image_id']}, "
+                f"but {image_path} does not exist"
+            )
+        ann = annotations.get(q["question_id"])
+        if annotated and ann is None:
+            raise VlbenchError(f"{a_path}: no annotation for question {q['question_id']} of {q_path.name}")
+        examples.append(
+            VQAExample(
+                question_id=q["question_id"],
+                image_id=q["image_id"],
+                question=q["question"],
+                image_path=image_path,
+                question_type=ann["question_type"] if ann else None,
+                answer_type=ann["answer_type"] if ann else None,
+                answers=[a["answer"] for a in ann["answers"]] if ann else None,
+                multiple_choice_answer=ann["multiple_choice_answer"] if ann else None,
+            )
+        )
+    return examples, annotated
+
+
+class AnswerVocab:
+    """Top-K normalised answers of the training split; index 0 is the most frequent."""
+
+    def __init__(self, answers: list[str]):
+        self.answers = answers
+        self.index = {a: i for i, a in enumerate(answers)}
+
+    @classmethod
+    def from_examples(cls, examples: list[VQAExample], top_k: int) -> AnswerVocab:
+        counts = Counter(normalize_answer(ex.multiple_choice_answer) for ex in examples if ex.answers is not None)
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return cls([a for a, _ in ranked[:top_k]])
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def soft_targets(self, answers: list[str]) -> dict[int, float]:
+        """{answer index: official accuracy of predicting that answer} for the in-vocabulary candidates."""
+        candidates = {normalize_answer(a) for a in answers}
+        normalized = [normalize_answer(a) for a in answers]
+        return {self.index[c]: question_accuracy(c, normalized) for c in candidates if c in self.index}
+
+
+class VQADataset(Dataset):
+    def __init__(self, examples, annotated, tokenizer, max_text_len, vocab, group_index, image_loader, pixels):
+        self.examples = examples
+        self.annotated = annotated
+        self.encoded = tokenizer([ex.question for ex in examples], truncation=True, max_length=max_text_len)[
+            "input_ids"
+        ]
+        self.targets = [vocab.soft_targets(ex.answers) for ex in examples] if annotated else None
+        self.num_answers = len(vocab)
+        self.group_ids = [group_index.get(ex.question_type or "", 0) for ex in examples]
+        self.image_loader = image_loader
+        self.pixels = pixels
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"index": i, "input_ids": self.encoded[i], "group_id": self.group_ids[i]}
+        if self.pixels:
+            item["pixel_values"] = self.image_loader(self.examples[i].image_path)
+        if self.targets is not None:
+            item["targets"] = self.targets[i]
+        return item
+
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_sequences([it["input_ids"] for it in items], self.pad_token_id)
+        batch = {
+            "index": torch.tensor([it["index"] for it in items]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "group_ids": torch.tensor([it["group_id"] for it in items]),
+        }
+        if self.pixels:
+            batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+        if self.targets is not None:
+            targets = torch.zeros(len(items), self.num_answers)
+            for row, it in enumerate(items):
+                for col, score in it["targets"].items():
+                    targets[row, col] = score
+            batch["targets"] = targets
+        return batch
+
+
+class SharedAnswerHead(nn.Module):
+    """The controlled-comparison VQA head: a 2-layer MLP over the pooled joint encoding."""
+
+    def __init__(self, hidden_size: int, num_answers: int, multiplier: int, dropout: float):
+        super().__init__()
+        self.classifier = MLPClassifier(hidden_size, hidden_size * multiplier, num_answers, dropout)
+
+    def forward(self, encoding: JointEncoding, batch: Batch) -> torch.Tensor:
+        return self.classifier(encoding.pooled)
+
+
+@TASKS.register("vqa")
+class VQATask(Task):
+    head_kind = "answer_classifier"
+
+    def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
+        super().__init__(cfg, data_cfg, data_root, tokenizer, visual_input)
+        self._splits: dict[str, tuple[list[VQAExample], bool]] = {}
+        train_examples, train_annotated = self._read("train")
+        if not train_annotated:
+            raise VlbenchError(f"{data_root}: the training split {data_cfg.splits.train} has no annotations file")
+        self.vocab = AnswerVocab.from_examples(train_examples, cfg.num_answers)
+        types = sorted({ex.question_type for ex in train_examples})
+        self.group_index = {t: i + 1 for i, t in enumerate(types)}  # 0: a type unseen in training
+        self.image_loader = ImageLoader(
+            data_cfg.image_size, list(data_cfg.image_mean), list(data_cfg.image_std), cache=data_cfg.cache_images
+        )
+        self._datasets: dict[str, VQADataset] = {}
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_index) + 1
+
+    def _read(self, split: str) -> tuple[list[VQAExample], bool]:
+        if split not in self._splits:
+            if split not in self.data_cfg.splits:
+                raise VlbenchError(f"data.splits: no split named {split!r} (have {list(self.data_cfg.splits)})")
+            examples, annotated = read_vqa_split(
+                self.data_root, self.data_cfg.splits[split], self.data_cfg.image_template
+            )
+            if not examples:
+                raise VlbenchError(f"{self.data_root}: split {split!r} has no questions")
+            if self.data_cfg.limit_examples > 0:
+                examples = examples[: self.data_cfg.limit_examples]
+            self._splits[split] = (examples, annotated)
+        return self._splits[split]
+
+    def dataset(self, split: str) -> VQADataset:
+        if split not in self._datasets:
+            examples, annotated = self._read(split)
+            self._datasets[split] = VQADataset(
+                examples,
+                annotated,
+                self.tokenizer,
+                self.data_cfg.max_text_len,
+                self.vocab,
+                self.group_index,
+                self.image_loader,
+                pixels=self.visual_input == "pixels",
+            )
+        return self._datasets[split]
+
+    def build_shared_head(self, hidden_size: int) -> nn.Module:
+        return SharedAnswerHead(hidden_size, len(self.vocab), self.cfg.head_hidden_multiplier, self.cfg.head_dropout)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.vocab)
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        targets = batch["targets"]
+        return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum") / targets.shape[0]
+
+    def predict(self, logits: torch.Tensor, batch: Batch, split: str) -> list[dict]:
+        examples = self._splits[split][0]
+        best = logits.argmax(dim=-1).tolist()
+        return [
+            {"question_id": examples[i].question_id, "answer": self.vocab.answers[a]}
+            for i, a in zip(batch["index"].tolist(), best, strict=True)
+        ]
+
+    def evaluate(self, split: str, predictions: list[dict]) -> EvalResult | None:
+        examples, annotated = self._splits[split]
+        if not annotated:
+            return None
+        by_qid = {p["question_id"]: p["answer"] for p in predictions}
+        scores = evaluate_vqa(
+            (
+                {
+                    "question_id": ex.question_id,
+                    "question_type": ex.question_type,
+                    "answer_type": ex.answer_type,
+                    "answers": [{"answer": a} for a in ex.answers],
+                }
+                for ex in examples
+            ),
+            by_qid,
+        )
+        metrics = {"accuracy": scores.overall}
+        metrics.update({f"accuracy/{k}": v for k, v in sorted(scores.per_answer_type.items())})
+        return EvalResult(
+            main_metric="accuracy",
+            metrics=metrics,
+            breakdown={
+                "answer_type": dict(sorted(scores.per_answer_type.items())),
+                "question_type": dict(sorted(scores.per_question_type.items())),
+            },
+        )
+
+    def write_predictions(self, predictions: list[dict], path_stem: Path) -> Path:
+        """The official results format: a JSON array of {"question_id", "answer"}."""
+        path = path_stem.with_suffix(".json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(sorted(predictions, key=lambda p: p["question_id"]), f)
+        return path
+
+    def describe(self) -> dict:
+        return {
+            "num_answers": len(self.vocab),
+            "num_question_types": len(self.group_index),
+            "answer_vocab_source": f"train ({self.data_cfg.splits.train}) multiple_choice_answer, top-K",
+        }

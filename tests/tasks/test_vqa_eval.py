@@ -1,0 +1,98 @@
+"""The official VQA evaluator's behaviour, checked on hand-computed cases (quirks included)."""
+
+import pytest
+
+from vlbench.tasks.vqa_eval import (
+    evaluate_vqa,
+    normalize_answer,
+    process_digit_article,
+    process_punctuation,
+    question_accuracy,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("hello, world", "hello world"),  # a mark touching a space is deleted
+        ("a,b", "a b"),  # otherwise replaced by a space
+        ("1,000", "1000"),  # a comma between digits: every mark is deleted
+        ("3.5", "3.5"),  # a period before a digit stays
+        ("end.", "end"),
+        ("e.g.", "eg"),
+        ("yes!", "yes "),  # '!' does not touch a space → replaced by a space
+        ("." * 40, "." * 8),  # the script passes re.UNICODE (32) as the count of periods removed
+        ("it's", "it's"),  # the apostrophe is not in the latest script's punctuation list
+    ],
+)
+def test_process_punctuation(text, expected):
+    assert process_punctuation(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Two Dogs", "2 dogs"),
+        ("none", "0"),
+        ("the red ball", "red ball"),
+        ("an apple a day", "apple day"),
+        ("dont know", "don't know"),
+        ("isnt", "isn't"),
+        ("ten", "10"),
+    ],
+)
+def test_process_digit_article(text, expected):
+    assert process_digit_article(text) == expected
+
+
+def test_normalize_answer_full_chain():
+    assert normalize_answer("  The Two dogs.\n") == "2 dogs"
+
+
+def test_accuracy_leave_one_out_averaging():
+    # 2 of 10 say "yes": leaving out a "yes" leaves 1 match (1/3), leaving out a "no" leaves 2 (2/3)
+    assert question_accuracy("yes", ["yes"] * 2 + ["no"] * 8) == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)
+    assert question_accuracy("yes", ["yes"] * 3 + ["no"] * 7) == pytest.approx((3 * (2 / 3) + 7 * 1) / 10)
+    assert question_accuracy("yes", ["yes"] * 4 + ["no"] * 6) == pytest.approx(1.0)
+    assert question_accuracy("yes", ["yes"] * 1 + ["no"] * 9) == pytest.approx(0.3)
+    assert question_accuracy("maybe", ["yes"] * 5 + ["no"] * 5) == 0.0
+
+
+def test_unanimous_answers_are_not_normalised():
+    # the official script only normalises when the ten answers disagree
+    assert question_accuracy("yes", ["Yes"] * 10) == 0.0
+    assert question_accuracy("Yes", ["Yes"] * 10) == 1.0
+    assert question_accuracy(" Yes\t", ["Yes"] * 10) == 1.0  # whitespace is always cleaned
+
+
+def test_disagreeing_answers_are_normalised_with_the_prediction():
+    assert question_accuracy("two", ["Two"] * 9 + ["2"]) == 1.0
+    assert question_accuracy("a dog", ["the dog"] * 5 + ["dog"] * 5) == 1.0
+
+
+def test_evaluate_overall_and_breakdowns():
+    def ann(qid, qtype, atype, answers):
+        return {
+            "question_id": qid,
+            "question_type": qtype,
+            "answer_type": atype,
+            "answers": [{"answer": a} for a in answers],
+        }
+
+    annotations = [
+        ann(1, "is there", "yes/no", ["yes"] * 10),
+        ann(2, "is there", "yes/no", ["yes"] * 2 + ["no"] * 8),
+        ann(3, "how many", "number", ["2"] * 10),
+    ]
+    scores = evaluate_vqa(annotations, {1: "yes", 2: "yes", 3: "3"})
+    assert scores.per_question == {1: 1.0, 2: pytest.approx(0.6), 3: 0.0}
+    assert scores.overall == round(100 * 1.6 / 3, 2) == 53.33
+    assert scores.per_question_type == {"is there": 80.0, "how many": 0.0}
+    assert scores.per_answer_type == {"yes/no": 80.0, "number": 0.0}
+
+
+def test_evaluate_requires_every_prediction():
+    with pytest.raises(KeyError, match="question 7"):
+        evaluate_vqa(
+            [{"question_id": 7, "question_type": "x", "answer_type": "other", "answers": [{"answer": "a"}]}], {}
+        )

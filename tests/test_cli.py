@@ -1,0 +1,111 @@
+"""The `vlbench` and `vlbench-data` entry points as a user runs them: help, config printing, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMALL_WORLD
+
+VLBENCH = [sys.executable, "-m", "vlbench.cli"]
+
+
+def vlbench(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VLBENCH_CACHE": str(cache), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([*VLBENCH, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("vlbench: error:")]
+
+
+def test_help_and_cfg_job(tmp_path, cache_dir):
+    proc = vlbench("--help", cwd=tmp_path, cache=cache_dir)
+    assert proc.returncode == 0 and "model: albef, majority, textonly" in proc.stdout
+    proc = vlbench("--cfg", "job", "trainer.max_steps=50", "scale=tiny", "seed=3", cwd=tmp_path, cache=cache_dir)
+    assert proc.returncode == 0
+    assert "max_steps: 50" in proc.stdout and "seed: 3" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("trainer.max_stepz=5", "max_stepz"), ("trainer.max_steps=many", "max_steps"), ("model=alberf", "alberf")],
+)
+def test_bad_overrides_fail_at_start(tmp_path, cache_dir, override, needle):
+    proc = vlbench(override, f"results_dir={tmp_path}/runs", cwd=tmp_path, cache=cache_dir)
+    assert proc.returncode != 0 and needle in proc.stderr
+    assert not list(tmp_path.rglob("result.json"))
+
+
+def bad_data_run(tmp_path: Path, cache: Path, root: Path) -> subprocess.CompletedProcess:
+    return vlbench(
+        "model=textonly",
+        f"data.root={root}",
+        "trainer.max_steps=2",
+        "trainer.progress=false",
+        f"results_dir={tmp_path}/runs",
+        *SMALL_WORLD,
+        cwd=tmp_path,
+        cache=cache,
+    )
+
+
+def corrupt_copy(small_world: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(small_world, root)
+    return root
+
+
+def assert_one_line_error(proc, tmp_path, *fragments):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("result.json"))
+
+
+def test_missing_data_root(tmp_path, cache_dir):
+    proc = bad_data_run(tmp_path, cache_dir, tmp_path / "nowhere")
+    assert_one_line_error(proc, tmp_path, f"data.root={tmp_path / 'nowhere'}", "directory not found")
+
+
+def test_corrupt_questions_file(tmp_path, cache_dir, small_world):
+    root = corrupt_copy(small_world, tmp_path)
+    path = root / "v2_OpenEnded_mscoco_train2014_questions.json"
+    path.write_text(path.read_text()[:500])
+    proc = bad_data_run(tmp_path, cache_dir, root)
+    assert_one_line_error(proc, tmp_path, str(path), "not valid JSON")
+
+
+def test_question_whose_image_is_missing(tmp_path, cache_dir, small_world):
+    root = corrupt_copy(small_world, tmp_path)
+    questions = json.loads((root / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())["questions"]
+    image = root / "images" / "val2014" / f"COCO_val2014_{questions[0]['image_id']:012d}.png"
+    image.unlink()
+    proc = bad_data_run(tmp_path, cache_dir, root)
+    assert_one_line_error(proc, tmp_path, f"question {questions[0]['question_id']}", str(image), "does not exist")
+
+
+def test_vlbench_data_synth_and_inspect(tmp_path):
+    out = tmp_path / "world"
+    cmd = [sys.executable, "-m", "vlbench.data.cli"]
+    proc = subprocess.run(
+        [*cmd, "synth", "--out", str(out), "--train", "10", "--val", "2", "--test", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "v2_mscoco_train2014_annotations.json").exists() and (out / "tokenizer.json").exists()
+    proc = subprocess.run(
+        [*cmd, "inspect", str(out), "--subtype", "train2014"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "train2014: 50 questions on 10 images" in proc.stdout
+    proc = subprocess.run([*cmd, "synth", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not empty" in proc.stderr

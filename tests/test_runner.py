@@ -1,0 +1,129 @@
+"""The shared runner end to end at tiny scale: the record it writes, every registered model, exact resume."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vlbench.models  # noqa: F401
+from vlbench.errors import VlbenchError
+from vlbench.registry import MODELS
+from vlbench.runner import EpochShuffleSampler, lr_multiplier, run
+
+
+def test_tiny_albef_run_writes_a_complete_record(make_cfg, tmp_path):
+    cfg = make_cfg("model=albef", "trainer.eval_every=2")
+    run_dir = tmp_path / "run"
+    result = run(cfg, run_dir)
+    on_disk = json.loads((run_dir / "result.json").read_text())
+    assert on_disk == result
+    assert {
+        "model",
+        "task",
+        "scale",
+        "seed",
+        "split",
+        "main_metric",
+        "metrics",
+        "breakdown",
+        "params",
+        "train_samples",
+        "wall_s",
+    } <= set(result)
+    assert result["model"] == "albef" and result["task"] == "vqa" and result["split"] == "test"
+    assert 0.0 <= result["metrics"]["accuracy"] <= 100.0
+    assert set(result["breakdown"]["answer_type"]) <= {"yes/no", "number", "other"}
+    assert result["train_samples"] == 4 * 16
+    predictions = json.loads((run_dir / "predictions_test.json").read_text())
+    assert predictions and set(predictions[0]) == {"question_id", "answer"}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["params"] == result["params"] and manifest["data_fingerprint"]
+    assert manifest["augmentation"] == "none" and manifest["image_size"] == 64
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in lines if "train/loss" in entry] == [1, 2, 3, 4]
+    assert any("val/accuracy" in entry for entry in lines)
+    assert (run_dir / "checkpoints" / "best.safetensors").exists()
+    assert (run_dir / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("model_name", MODELS.names())
+def test_every_registered_model_trains_and_evaluates(make_cfg, tmp_path, model_name):
+    result = run(make_cfg(f"model={model_name}", "trainer.max_steps=2"), tmp_path / model_name)
+    assert result["model"] == model_name and "accuracy" in result["metrics"]
+
+
+def test_majority_predicts_the_most_frequent_answer_per_question_type(make_cfg, tmp_path, small_world):
+    # 18 steps × 16 = one pass over the small world's 288 training questions
+    result = run(make_cfg("model=majority", "trainer.max_steps=18"), tmp_path / "m")
+    assert result["trainable_params"] == 0
+    train = json.loads((small_world / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]
+    overall = Counter(a["multiple_choice_answer"] for a in train)
+    per_type: dict[str, Counter] = {}
+    for a in train:
+        per_type.setdefault(a["question_type"], Counter())[a["multiple_choice_answer"]] += 1
+    # ties go to the answer more frequent overall (then alphabetical), as the vocabulary is ordered
+    expected = {t: min(c, key=lambda ans: (-c[ans], -overall[ans], ans)) for t, c in per_type.items()}
+    test = json.loads((small_world / "v2_mscoco_test2015_annotations.json").read_text())["annotations"]
+    predictions = {
+        p["question_id"]: p["answer"] for p in json.loads((tmp_path / "m" / "predictions_test.json").read_text())
+    }
+    assert all(predictions[a["question_id"]] == expected[a["question_type"]] for a in test)
+
+
+def test_training_lowers_the_loss(make_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    run(make_cfg("model=textonly", "trainer.max_steps=30", "trainer.lr=1e-3"), run_dir)
+    losses = [
+        json.loads(x)["train/loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in x
+    ]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_resume_continues_exactly(make_cfg, tmp_path):
+    straight = run(make_cfg("model=albef", "trainer.max_steps=6", "run_id=a"), tmp_path / "a")
+    stopped = run(make_cfg("model=albef", "trainer.max_steps=6", "trainer.stop_at_step=3"), tmp_path / "b")
+    assert stopped["stopped_at_step"] == 3 and not (tmp_path / "b" / "result.json").exists()
+    resumed = run(make_cfg("model=albef", "trainer.max_steps=6", f"resume={tmp_path / 'b'}"), tmp_path / "b")
+    assert resumed["steps"] == 6 and resumed["metrics"] == straight["metrics"]
+    a = load_file(tmp_path / "a" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if "train/loss" in x
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_different_config(make_cfg, tmp_path):
+    run(make_cfg("model=textonly", "trainer.max_steps=4", "trainer.stop_at_step=2"), tmp_path / "b")
+    with pytest.raises(VlbenchError, match=r"trainer.lr: 0.0005 → 0.001"):
+        run(
+            make_cfg("model=textonly", "trainer.max_steps=4", "trainer.lr=1e-3", f"resume={tmp_path / 'b'}"),
+            tmp_path / "b",
+        )
+
+
+def test_a_finished_run_is_never_overwritten(make_cfg, tmp_path):
+    run(make_cfg("model=majority", "trainer.max_steps=1"), tmp_path / "r")
+    with pytest.raises(VlbenchError, match="already finished"):
+        run(make_cfg("model=majority", "trainer.max_steps=1"), tmp_path / "r")
+
+
+def test_sampler_is_a_permutation_per_epoch_and_resumable():
+    full = list(EpochShuffleSampler(10, seed=3, epoch=1))
+    assert sorted(full) == list(range(10))
+    assert full != list(EpochShuffleSampler(10, seed=3, epoch=2))
+    assert list(EpochShuffleSampler(10, seed=3, epoch=1, start=4)) == full[4:]
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor(make_cfg):
+    cfg = make_cfg("trainer.max_steps=100", "trainer.warmup_steps=10", "trainer.min_lr_ratio=0.1").trainer
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(10, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_multiplier(100, cfg) == pytest.approx(0.1)

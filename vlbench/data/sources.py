@@ -1,0 +1,36 @@
+"""Where a run's data lives: the synthetic world (generated on first use) or a user's directory of official files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from vlbench.data.synthetic import SyntheticConfig, ensure_world
+from vlbench.errors import VlbenchError
+
+
+def synthetic_config(data_cfg: DictConfig) -> SyntheticConfig:
+    return SyntheticConfig(
+        seed=data_cfg.seed,
+        image_size=data_cfg.image_size,
+        grid_size=data_cfg.grid_size,
+        min_objects=data_cfg.min_objects,
+        max_objects=data_cfg.max_objects,
+        images=dict(data_cfg.images),
+        questions_per_image=data_cfg.questions_per_image,
+        noisy_annotator_rate=data_cfg.noisy_annotator_rate,
+    )
+
+
+def resolve_data_root(data_cfg: DictConfig) -> Path:
+    """The directory holding the dataset's files; generates the synthetic world when ``data.root`` is null."""
+    if data_cfg.root is None:
+        if data_cfg.name != "synthetic":
+            raise VlbenchError(f"data.root: required for data={data_cfg.name} (a directory with the official files)")
+        cache = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else None
+        return ensure_world(synthetic_config(data_cfg), cache)
+    root = Path(data_cfg.root).expanduser()
+    if not root.is_dir():
+        raise VlbenchError(f"data.root={root}: directory not found (expected the dataset's official files there)")
+    return root

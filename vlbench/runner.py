@@ -1,0 +1,459 @@
+"""The one training loop for every model × task: build, train, evaluate, predict, record.
+
+Read top to bottom: set-up (seed, data, task, model, head, optimizer), optional resume, the step loop (evaluation
+every ``trainer.eval_every`` steps, best checkpoint by the task's main metric), then the final evaluation of the
+chosen checkpoint on the test split, the predictions in the task's official format, and result.json written last.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from vlbench.data.sources import resolve_data_root
+from vlbench.data.text import load_tokenizer
+from vlbench.errors import VlbenchError
+from vlbench.loggers import build_logger
+from vlbench.models.base import ModelContext, VisionLanguageModel
+from vlbench.registry import MODELS, TASKS
+from vlbench.results import (
+    RunRecord,
+    config_differences,
+    config_hash,
+    device_description,
+    file_fingerprint,
+    git_sha,
+    package_versions,
+    semantic_config,
+)
+from vlbench.tasks.base import EvalResult, Task
+
+
+class TaskModel(nn.Module):
+    """A model plus the head a task uses on it; the unit that is optimised and checkpointed."""
+
+    def __init__(self, model: VisionLanguageModel, head: nn.Module):
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.model.encode(batch), batch)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation per epoch from (seed, epoch), starting at any position: exact data order on resume."""
+
+    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0):
+        self.size, self.seed, self.epoch, self.start = size, seed, epoch, start
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator)[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
+        "python_version": random.getstate()[0],
+        "numpy": [np_state[0], np_state[1].tolist(), np_state[2], np_state[3], np_state[4]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    python = state["python"]
+    random.setstate((state["python_version"], tuple(python[:-1]), python[-1] or None))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise VlbenchError("trainer.device=cuda: no CUDA device is available (use trainer.device=auto or cpu)")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def build_optimizer(net: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer | None:
+    """AdamW; no weight decay for biases, norms, position/[CLS] embeddings and the temperature (BERT/ALBEF custom)."""
+    decay, no_decay, head_decay, head_no_decay = [], [], [], []
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip_decay = p.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "position_embeddings"))
+        is_head = name.startswith("head.")
+        ((head_no_decay if is_head else no_decay) if skip_decay else (head_decay if is_head else decay)).append(p)
+    if not (decay or no_decay or head_decay or head_no_decay):
+        return None  # e.g. the majority baseline: nothing to optimise
+    head_lr = cfg.lr * cfg.head_lr_multiplier
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
+        {"params": head_decay, "weight_decay": cfg.weight_decay, "lr": head_lr},
+        {"params": head_no_decay, "weight_decay": 0.0, "lr": head_lr},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(cfg.betas))
+
+
+def lr_multiplier(step: int, cfg: DictConfig) -> float:
+    """Linear warm-up, then cosine or linear decay to ``min_lr_ratio`` of the peak (or constant)."""
+    total = max(1, cfg.max_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if cfg.schedule == "linear":
+        decay = 1.0 - progress
+    elif cfg.schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise VlbenchError(f"trainer.schedule={cfg.schedule!r}: expected cosine, linear or constant")
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict_split(net: TaskModel, task: Task, split: str, cfg: DictConfig, device, progress: bool) -> list[dict]:
+    dataset = task.dataset(split)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.trainer.eval_batch_size,
+        shuffle=False,
+        collate_fn=dataset.collate,
+        num_workers=cfg.trainer.num_workers,
+    )
+    was_training = net.training
+    net.eval()
+    predictions: list[dict] = []
+    for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not progress):
+        batch = to_device(batch, device)
+        with autocast_context(device, cfg.trainer.precision):
+            outputs = net(batch)
+        predictions += task.predict(outputs.float(), batch, split)
+    net.train(was_training)
+    return predictions
+
+
+def count_flops_per_sample(net: TaskModel, batch: dict[str, torch.Tensor]) -> int | None:
+    """Forward FLOPs per sample, counted by ``torch.utils.flop_counter`` on one small batch (matmul-type ops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    small = {k: v[:2] for k, v in batch.items()}
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(small)
+        return int(counter.get_total_flops() // small["input_ids"].shape[0])
+    except Exception:  # counting is informative only; never fail a run for it
+        return None
+    finally:
+        net.train(was_training)
+
+
+def format_summary(result: dict) -> str:
+    """A small results table for the end of a run."""
+    rows = [
+        ("model", result["model"]),
+        ("task", result["task"]),
+        ("scale", result["scale"]),
+        ("seed", str(result["seed"])),
+        ("split", result["split"]),
+        ("checkpoint", result["checkpoint"]),
+    ]
+    rows += [(name, f"{value:.2f}") for name, value in result["metrics"].items()]
+    if result.get("val_metrics"):
+        main = result["main_metric"]
+        rows.append((f"val {main}", f"{result['val_metrics'][main]:.2f}"))
+    rows += [
+        ("params", f"{result['params']:,}"),
+        ("train samples", f"{result['train_samples']:,}"),
+        ("wall time", f"{result['wall_s']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line] + [f"{k.ljust(width)} | {v}" for k, v in rows] + [line])
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train and evaluate one configuration into ``run_dir``; returns the result record."""
+    import vlbench.models  # noqa: F401  (registers model families)
+    import vlbench.tasks  # noqa: F401  (registers tasks)
+
+    started = time.time()
+    tcfg = cfg.trainer
+    record = RunRecord(run_dir)
+    if record.result_path.exists():
+        raise VlbenchError(f"{record.result_path}: this run already finished; choose another run directory")
+    resume_state = None
+    if cfg.resume:
+        saved = record.saved_config()
+        if saved is None or not record.has_checkpoint("last"):
+            raise VlbenchError(f"resume={cfg.resume}: no config.yaml and checkpoints/last.* there to resume from")
+        diffs = config_differences(semantic_config(saved), semantic_config(cfg))
+        if diffs:
+            raise VlbenchError(f"resume={cfg.resume}: the config differs from the saved run: {'; '.join(diffs)}")
+        resume_state = record.load_trainer_state("last")
+    record.save_config(cfg)
+
+    seed_everything(cfg.seed)
+    device = pick_device(tcfg.device)
+    data_root = resolve_data_root(cfg.data)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, data_root)
+    model_cls = MODELS.get(cfg.model.name)
+    task: Task = TASKS.get(cfg.task.name)(cfg.task, cfg.data, data_root, tokenizer, model_cls.visual_input)
+    ctx = ModelContext(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+        image_size=cfg.data.image_size,
+        num_groups=task.num_groups,
+    )
+    model: VisionLanguageModel = model_cls(cfg.model, ctx)
+    if cfg.head == "native":
+        head = model.native_head(task.head_kind, task.num_outputs)
+        if head is None:
+            raise VlbenchError(
+                f"head=native: model {cfg.model.name} has no native head for task {task.name}; use head=shared"
+            )
+    elif cfg.head == "shared":
+        head = task.build_shared_head(model.hidden_size)
+    else:
+        raise VlbenchError(f"head={cfg.head!r}: expected shared or native")
+    net = TaskModel(model, head).to(device)
+
+    train_set = task.dataset("train")
+    eval_split, test_split = tcfg.eval_split, tcfg.test_split
+    task.dataset(eval_split)
+    task.dataset(test_split)  # read every split before training: bad input fails now, not after an hour
+
+    optimizer = build_optimizer(net, tcfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, tcfg)) if optimizer else None
+    params = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    micro_batches_per_epoch = len(train_set) // tcfg.batch_size
+    if micro_batches_per_epoch == 0:
+        raise VlbenchError(
+            f"trainer.batch_size={tcfg.batch_size}: larger than the training split ({len(train_set)} examples)"
+        )
+
+    step, best_value, best_step = 0, -math.inf, None
+    if resume_state is not None:
+        record.load_weights("last", net)
+        if optimizer:
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+        step, best_value, best_step = resume_state["step"], resume_state["best_value"], resume_state["best_step"]
+        set_rng_state(resume_state["rng"])
+
+    data_files = sorted(p for p in data_root.glob("*.json") if p.is_file())
+    logger = build_logger(cfg.logger, record.dir, cfg)
+    manifest = {
+        "git_sha": git_sha(),
+        "config_hash": config_hash(cfg),
+        "versions": package_versions(),
+        "device": device_description(device),
+        "data_root": str(data_root),
+        "data_fingerprint": file_fingerprint(data_files),
+        "task": task.describe(),
+        "params": params,
+        "trainable_params": trainable,
+        "visual_input": model_cls.visual_input,
+        "head": cfg.head,
+        "image_size": cfg.data.image_size,
+        "augmentation": cfg.data.augmentation,
+        "batch_size": tcfg.batch_size * tcfg.grad_accum_steps,
+        "precision": tcfg.precision,
+    }
+
+    def trainer_state() -> dict:
+        return {
+            "step": step,
+            "best_value": best_value,
+            "best_step": best_step,
+            "rng": rng_state(),
+            "optimizer": optimizer.state_dict() if optimizer else {},
+            "scheduler": scheduler.state_dict() if scheduler else {},
+        }
+
+    def evaluate(split: str) -> tuple[list[dict], EvalResult | None]:
+        predictions = predict_split(net, task, split, cfg, device, tcfg.progress)
+        return predictions, task.evaluate(split, predictions)
+
+    def validate() -> None:
+        nonlocal best_value, best_step
+        _, result = evaluate(eval_split)
+        if result is None:
+            return
+        logger.log({f"{eval_split}/{k}": v for k, v in result.metrics.items()}, step)
+        tqdm.write(f"step {step}: {eval_split} {result.main_metric} = {result.main_value:.2f}")
+        if result.main_value > best_value:
+            best_value, best_step = result.main_value, step
+            record.save_checkpoint("best", net)
+
+    # ----- training --------------------------------------------------------------------------------------------
+    micro_index = step * tcfg.grad_accum_steps
+    epoch, position = divmod(micro_index, micro_batches_per_epoch)
+
+    def batches():
+        nonlocal epoch, position
+        while True:
+            sampler = EpochShuffleSampler(len(train_set), cfg.seed, epoch, position * tcfg.batch_size)
+            loader = DataLoader(
+                train_set,
+                batch_size=tcfg.batch_size,
+                sampler=sampler,
+                drop_last=True,
+                collate_fn=train_set.collate,
+                num_workers=tcfg.num_workers,
+                persistent_workers=False,
+                pin_memory=device.type == "cuda",
+            )
+            for batch in loader:
+                position += 1
+                yield batch
+            epoch, position = epoch + 1, 0
+
+    net.train()
+    stream = batches()
+    stop_at = tcfg.stop_at_step if 0 < tcfg.stop_at_step < tcfg.max_steps else tcfg.max_steps
+    flops_per_sample = None
+    train_started = time.time()
+    start_step = step
+    progress = tqdm(total=tcfg.max_steps, initial=step, desc=f"{cfg.model.name}/{task.name}", disable=not tcfg.progress)
+    while step < stop_at:
+        loss_sum = 0.0
+        for _ in range(tcfg.grad_accum_steps):
+            batch = to_device(next(stream), device)
+            if flops_per_sample is None:
+                flops_per_sample = count_flops_per_sample(net, batch) or 0
+            with autocast_context(device, tcfg.precision):
+                loss = task.loss(net(batch), batch) / tcfg.grad_accum_steps
+            if not torch.isfinite(loss):
+                raise VlbenchError(f"step {step}: the training loss is {loss.item()} (not finite); lower trainer.lr")
+            if loss.requires_grad:
+                loss.backward()
+            loss_sum += loss.item()
+        grad_norm = None
+        if optimizer:
+            if tcfg.clip_grad_norm > 0:
+                grad_norm = float(nn.utils.clip_grad_norm_(net.parameters(), tcfg.clip_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        step += 1
+        progress.update(1)
+        if step % tcfg.log_every == 0 or step == stop_at:
+            entry = {"train/loss": loss_sum, "train/epoch": epoch}
+            if optimizer:
+                entry["train/lr"] = scheduler.get_last_lr()[0]
+            if grad_norm is not None:
+                entry["train/grad_norm"] = grad_norm
+            logger.log(entry, step)
+            progress.set_postfix(loss=f"{loss_sum:.3f}")
+        if tcfg.eval_every > 0 and step % tcfg.eval_every == 0 and step < tcfg.max_steps:
+            validate()
+        if (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0) or step == stop_at:
+            record.save_checkpoint("last", net, trainer_state())
+    progress.close()
+    train_seconds = time.time() - train_started
+
+    if step < tcfg.max_steps:  # stopped early on request: resumable, not finished
+        logger.close()
+        tqdm.write(f"stopped at step {step}/{tcfg.max_steps}; continue with resume={record.dir}")
+        return {"stopped_at_step": step, "run_dir": str(record.dir)}
+
+    # ----- final evaluation ---------------------------------------------------------------------------------------
+    validate()
+    record.save_checkpoint("last", net, trainer_state())
+    checkpoint = "last"
+    if tcfg.test_checkpoint == "best" and best_step is not None:
+        record.load_weights("best", net)
+        checkpoint = f"best (step {best_step}, {eval_split} {task.cfg.main_metric} {best_value:.2f})"
+    elif tcfg.test_checkpoint not in ("best", "last"):
+        raise VlbenchError(f"trainer.test_checkpoint={tcfg.test_checkpoint!r}: expected best or last")
+    val_predictions, val_result = evaluate(eval_split)
+    task.write_predictions(val_predictions, record.dir / f"predictions_{eval_split}")
+    test_predictions, test_result = evaluate(test_split)
+    predictions_path = task.write_predictions(test_predictions, record.dir / f"predictions_{test_split}")
+    logger.log({f"{test_split}/{k}": v for k, v in (test_result.metrics if test_result else {}).items()}, step)
+    logger.close()
+
+    steps_run = step - start_step
+    samples_per_second = steps_run * tcfg.batch_size * tcfg.grad_accum_steps / max(train_seconds, 1e-9)
+    wall = time.time() - started
+    manifest.update(
+        {
+            "wall_s": round(wall, 2),
+            "train_s": round(train_seconds, 2),
+            "train_samples_per_s": round(samples_per_second, 2),
+            "flops_per_sample_forward": flops_per_sample,
+        }
+    )
+    record.write_manifest(manifest)
+    result = {
+        "model": cfg.model.name,
+        "task": task.name,
+        "scale": cfg.scale.name,
+        "seed": cfg.seed,
+        "head": cfg.head,
+        "data": cfg.data.name,
+        "split": test_split,
+        "checkpoint": checkpoint,
+        "main_metric": task.cfg.main_metric,
+        "metrics": test_result.metrics if test_result else {},
+        "breakdown": test_result.breakdown if test_result else {},
+        "val_metrics": val_result.metrics if val_result else {},
+        "predictions": predictions_path.name,
+        "params": params,
+        "trainable_params": trainable,
+        "train_samples": step * tcfg.batch_size * tcfg.grad_accum_steps,
+        "steps": step,
+        "wall_s": round(wall, 2),
+        "config_hash": manifest["config_hash"],
+        "git_sha": manifest["git_sha"],
+    }
+    record.write_result(result)  # last: its presence means the run finished
+    return result

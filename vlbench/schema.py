@@ -1,0 +1,188 @@
+"""Structured-config schemas: every yaml node under conf/ is validated against one of these at composition time.
+
+Why: a misspelled key or a wrong type must fail when the run starts, with Hydra's own message, never deep inside
+training. Each config group's yaml names its schema in its defaults list (``- /schema/model/albef``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ScaleConfig:
+    name: str = MISSING  # tiny | base
+    image_size: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    max_steps: int = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    head_lr_multiplier: float = 1.0
+    weight_decay: float = 0.02
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.05  # used when warmup_steps == 0
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    clip_grad_norm: float = 1.0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    eval_every: int = 0  # 0: at the end only
+    log_every: int = 20
+    checkpoint_every: int = 0  # 0: only at evaluations and at the end
+    stop_at_step: int = 0  # >0: save a resumable checkpoint and stop there (time-sliced jobs; resume=<run dir>)
+    num_workers: int = 0
+    eval_split: str = "val"
+    test_split: str = "test"
+    test_checkpoint: str = "best"  # best (by val main metric) | last
+    progress: bool = True
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: str | None = None  # a directory in the official format; null for the synthetic world (generated)
+    cache_dir: str | None = None  # where the synthetic world is generated; null: $VLBENCH_CACHE or ~/.cache/vlbench
+    image_size: int = 64
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    augmentation: str = "none"  # recorded in every run; horizontal flips would break left/right questions
+    cache_images: bool = False
+    tokenizer: str = "auto"  # auto: <root>/tokenizer.json; otherwise a local path or hub name (local files only)
+    max_text_len: int = 32
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train2014", "val": "val2014", "test": "test2015"})
+    # where images live, relative to root; {subtype} is the split's official name (e.g. train2014)
+    image_template: str = "images/{subtype}/COCO_{subtype}_{image_id:012d}.jpg"
+    limit_examples: int = 0  # >0: use only the first N examples of each split (smoke runs)
+    # synthetic world parameters (ignored for real data)
+    seed: int = 0
+    images: dict[str, int] = field(default_factory=lambda: {"train": 3000, "val": 300, "test": 600})
+    questions_per_image: int = 5
+    grid_size: int = 4
+    min_objects: int = 2
+    max_objects: int = 5
+    noisy_annotator_rate: float = 0.12
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    main_metric: str = MISSING
+
+
+@dataclass
+class VQATaskConfig(TaskConfig):
+    name: str = "vqa"
+    main_metric: str = "accuracy"
+    num_answers: int = 3129  # top-K training answers; 3,129 is the bottom-up-attention standard on real data
+    head_hidden_multiplier: int = 2  # the shared 2-layer MLP's hidden width = multiplier × model hidden size
+    head_dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    default_head: str = "shared"
+
+
+@dataclass
+class TransformerSizes:
+    """Sizes shared by every BERT-style text stack."""
+
+    hidden_size: int = 768
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    dropout: float = 0.1
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class AlbefModelConfig(ModelConfig):
+    name: str = "albef"
+    # ViT image encoder (timm VisionTransformer)
+    vit_patch_size: int = 16
+    vit_hidden_size: int = 768
+    vit_depth: int = 12
+    vit_num_heads: int = 12
+    # BERT text (first N layers) + fusion (last M layers with cross-attention)
+    text: TransformerSizes = field(default_factory=TransformerSizes)
+    text_layers: int = 6
+    fusion_layers: int = 6
+    # contrastive + momentum
+    embed_dim: int = 256
+    temperature: float = 0.07
+    temperature_min: float = 0.001
+    temperature_max: float = 0.5
+    queue_size: int = 65536
+    momentum: float = 0.995
+    distill: bool = True
+    alpha: float = 0.4
+    alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these steps (the paper: the first epoch)
+    mlm_probability: float = 0.15
+
+
+@dataclass
+class TextOnlyModelConfig(ModelConfig):
+    name: str = "textonly"
+    text: TransformerSizes = field(default_factory=TransformerSizes)
+    text_layers: int = 12
+
+
+@dataclass
+class MajorityModelConfig(ModelConfig):
+    name: str = "majority"
+    default_head: str = "native"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | jsonl | wandb
+    wandb_project: str = "vlbench"
+    wandb_mode: str = "offline"  # offline | disabled | online (online only when the user asks)
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    task: Any = MISSING
+    data: DataConfig = MISSING
+    scale: ScaleConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 0
+    head: str = "shared"  # shared (controlled comparison) | native (the paper's own head)
+    results_dir: str = "results/runs"
+    run_id: str | None = None  # null: timestamp + short config hash
+    resume: str | None = None  # a run directory to continue
+    deterministic: bool = False
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"albef": AlbefModelConfig, "textonly": TextOnlyModelConfig, "majority": MajorityModelConfig},
+    "task": {"vqa": VQATaskConfig},
+    "data": {"data": DataConfig},
+    "scale": {"scale": ScaleConfig},
+    "trainer": {"trainer": TrainerConfig},
+    "logger": {"logger": LoggerConfig},
+}
+
+
+def register_schemas() -> None:
+    """Register every schema under ``schema/<group>/<name>`` so yaml files can extend them."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
