@@ -100,9 +100,9 @@ def test_resume_continues_exactly(make_cfg, tmp_path):
 
 def test_resume_refuses_a_different_config(make_cfg, tmp_path):
     run(make_cfg("model=textonly", "trainer.max_steps=4", "trainer.stop_at_step=2"), tmp_path / "b")
-    with pytest.raises(VlbenchError, match=r"trainer.lr: 0.0005 → 0.001"):
+    with pytest.raises(VlbenchError, match=r"trainer.lr: 0.001 → 0.002"):
         run(
-            make_cfg("model=textonly", "trainer.max_steps=4", "trainer.lr=1e-3", f"resume={tmp_path / 'b'}"),
+            make_cfg("model=textonly", "trainer.max_steps=4", "trainer.lr=2e-3", f"resume={tmp_path / 'b'}"),
             tmp_path / "b",
         )
 

@@ -234,7 +234,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if diffs:
             raise VlbenchError(f"resume={cfg.resume}: the config differs from the saved run: {'; '.join(diffs)}")
         resume_state = record.load_trainer_state("last")
-    record.save_config(cfg)
 
     seed_everything(cfg.seed)
     device = pick_device(tcfg.device)
@@ -268,6 +267,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     eval_split, test_split = tcfg.eval_split, tcfg.test_split
     task.dataset(eval_split)
     task.dataset(test_split)  # read every split before training: bad input fails now, not after an hour
+    record.save_config(cfg)
 
     optimizer = build_optimizer(net, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, tcfg)) if optimizer else None
@@ -350,6 +350,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 num_workers=tcfg.num_workers,
                 persistent_workers=False,
                 pin_memory=device.type == "cuda",
+                # its own generator: creating an iterator must not draw from the global RNG (exact resume)
+                generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
             )
             for batch in loader:
                 position += 1

@@ -4,6 +4,11 @@ Why a synthetic world: a new user (and CI) must be able to run the product's mai
 built so that the image is needed to answer: every question family's answer distribution is balanced given the text
 (a question-only model stays near the per-type prior), and the answer is a function of the rendered pixels.
 
+Questions refer to objects mostly by colour ("the red object"), shape being asked for or used as the referent in
+the attribute family: every family then exercises the same grounding skill (colour word → image region), which a model
+trained from scratch learns within CPU minutes; shape-referent variants of every family multiply the samples such a
+model needs (measured: no progress beyond the text prior in 1,500 steps).
+
 Everything is drawn from one ``random.Random(seed)``; images are PNGs written by PIL, JSON is written with a fixed key
 order, so the same parameters give byte-identical files.
 """
@@ -189,27 +194,18 @@ def _plural(shape: str) -> str:
 
 
 def q_existence(rng: random.Random, objects: list[SceneObject]) -> Question | None:
-    present = {(o.color, o.shape) for o in objects}
+    present = {o.color for o in objects}
     if rng.random() < 0.5:
-        color, shape = rng.choice(sorted(present))
-        answer = "yes"
+        color, answer = rng.choice(sorted(present)), "yes"
     else:
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-        color, shape = rng.choice(absent)
-        answer = "no"
-    return Question(f"Is there a {color} {shape}?", answer, "is there a", "yes/no", "existence")
+        color, answer = rng.choice([c for c in COLORS if c not in present]), "no"
+    return Question(f"Is there a {color} object?", answer, "is there a", "yes/no", "existence")
 
 
 def q_count(rng: random.Random, objects: list[SceneObject]) -> Question | None:
-    if rng.random() < 0.5:
-        shape = rng.choice(SHAPES)
-        n = sum(o.shape == shape for o in objects)
-        text = f"How many {_plural(shape)} are there?"
-    else:
-        color = rng.choice(list(COLORS))
-        n = sum(o.color == color for o in objects)
-        text = f"How many {color} objects are there?"
-    return Question(text, str(n), "how many", "number", "count")
+    color = rng.choice(list(COLORS))
+    n = sum(o.color == color for o in objects)
+    return Question(f"How many {color} objects are there?", str(n), "how many", "number", "count")
 
 
 def q_attribute(rng: random.Random, objects: list[SceneObject]) -> Question | None:
@@ -227,7 +223,7 @@ def q_attribute(rng: random.Random, objects: list[SceneObject]) -> Question | No
 
 
 def q_relation(rng: random.Random, objects: list[SceneObject]) -> Question | None:
-    unique = _unique(objects, lambda o: (o.color, o.shape))
+    unique = _unique(objects, lambda o: o.color)
     pairs = [(a, b) for a in unique for b in unique if a is not b and relation(a, b) is not None]
     if not pairs:
         return None
@@ -236,16 +232,16 @@ def q_relation(rng: random.Random, objects: list[SceneObject]) -> Question | Non
     # Ask about the true relation half of the time, otherwise a false one: "yes"/"no" is balanced given the text.
     rel = true_rel if rng.random() < 0.5 else rng.choice([r for r in RELATIONS if r != true_rel])
     answer = "yes" if rel == true_rel else "no"
-    return Question(f"Is the {a.describe()} {rel} the {b.describe()}?", answer, "is the", "yes/no", "relation")
+    return Question(f"Is the {a.color} object {rel} the {b.color} object?", answer, "is the", "yes/no", "relation")
 
 
 def q_compare(rng: random.Random, objects: list[SceneObject]) -> Question | None:
-    s1, s2 = rng.sample(SHAPES, 2)
-    n1, n2 = sum(o.shape == s1 for o in objects), sum(o.shape == s2 for o in objects)
+    c1, c2 = rng.sample(list(COLORS), 2)
+    n1, n2 = sum(o.color == c1 for o in objects), sum(o.color == c2 for o in objects)
     if n1 == n2:
         return None
     answer = "yes" if n1 > n2 else "no"
-    return Question(f"Are there more {_plural(s1)} than {_plural(s2)}?", answer, "are there", "yes/no", "compare")
+    return Question(f"Are there more {c1} objects than {c2} objects?", answer, "are there", "yes/no", "compare")
 
 
 QUESTION_FAMILIES = (q_existence, q_count, q_attribute, q_relation, q_compare)
