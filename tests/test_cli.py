@@ -109,3 +109,39 @@ def test_vlbench_data_synth_and_inspect(tmp_path):
     assert proc.returncode == 0 and "train2014: 50 questions on 10 images" in proc.stdout
     proc = subprocess.run([*cmd, "synth", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not empty" in proc.stderr
+
+
+def test_multirun_sweep_writes_one_record_per_job(tmp_path, cache_dir):
+    proc = vlbench(
+        "-m",
+        "model=majority",
+        "seed=0,1",
+        "trainer.max_steps=1",
+        "trainer.progress=false",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        *SMALL_WORLD,
+        cwd=tmp_path,
+        cache=cache_dir,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = sorted(tmp_path.glob("sweep/**/result.json"))
+    assert len(results) == 2
+    assert sorted(json.loads(p.read_text())["seed"] for p in results) == [0, 1]
+
+
+def test_wandb_logger_runs_offline(tmp_path, cache_dir):
+    proc = vlbench(
+        "model=majority",
+        "logger=wandb",
+        "trainer.max_steps=1",
+        "trainer.progress=false",
+        f"results_dir={tmp_path}/runs",
+        "run_id=w",
+        *SMALL_WORLD,
+        cwd=tmp_path,
+        cache=cache_dir,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "majority" / "vqa" / "w"
+    assert (run_dir / "result.json").exists() and (run_dir / "metrics.jsonl").read_text()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
