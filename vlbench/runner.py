@@ -225,6 +225,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     record = RunRecord(run_dir)
     if record.result_path.exists():
         raise VlbenchError(f"{record.result_path}: this run already finished; choose another run directory")
+    if tcfg.test_checkpoint not in ("best", "last"):
+        raise VlbenchError(f"trainer.test_checkpoint={tcfg.test_checkpoint!r}: expected best or last")
     resume_state = None
     if cfg.resume:
         saved = record.saved_config()
@@ -414,8 +416,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if tcfg.test_checkpoint == "best" and best_step is not None:
         record.load_weights("best", net)
         checkpoint = f"best (step {best_step}, {eval_split} {task.cfg.main_metric} {best_value:.2f})"
-    elif tcfg.test_checkpoint not in ("best", "last"):
-        raise VlbenchError(f"trainer.test_checkpoint={tcfg.test_checkpoint!r}: expected best or last")
     val_predictions, val_result = evaluate(eval_split)
     task.write_predictions(val_predictions, record.dir / f"predictions_{eval_split}")
     test_predictions, test_result = evaluate(test_split)

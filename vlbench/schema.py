@@ -12,6 +12,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from vlbench.models.base import TextSizes  # the sizes every BERT-style text stack shares
+
 
 @dataclass
 class ScaleConfig:
@@ -98,17 +100,6 @@ class ModelConfig:
 
 
 @dataclass
-class TransformerSizes:
-    """Sizes shared by every BERT-style text stack."""
-
-    hidden_size: int = 768
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    dropout: float = 0.1
-    max_position_embeddings: int = 512
-
-
-@dataclass
 class AlbefModelConfig(ModelConfig):
     name: str = "albef"
     # ViT image encoder (timm VisionTransformer)
@@ -117,7 +108,7 @@ class AlbefModelConfig(ModelConfig):
     vit_depth: int = 12
     vit_num_heads: int = 12
     # BERT text (first N layers) + fusion (last M layers with cross-attention)
-    text: TransformerSizes = field(default_factory=TransformerSizes)
+    text: TextSizes = field(default_factory=TextSizes)
     text_layers: int = 6
     fusion_layers: int = 6
     # contrastive + momentum
@@ -136,7 +127,7 @@ class AlbefModelConfig(ModelConfig):
 @dataclass
 class TextOnlyModelConfig(ModelConfig):
     name: str = "textonly"
-    text: TransformerSizes = field(default_factory=TransformerSizes)
+    text: TextSizes = field(default_factory=TextSizes)
     text_layers: int = 12
 
 
