@@ -26,7 +26,7 @@ from vlbench.models.base import Batch, JointEncoding
 from vlbench.models.layers import MLPClassifier
 from vlbench.registry import TASKS
 from vlbench.tasks.base import EvalResult, Task, pad_sequences
-from vlbench.tasks.vqa_eval import evaluate_vqa, normalize_answer, question_accuracy
+from vlbench.tasks.vqa_eval import evaluate_vqa, leave_one_out_accuracy, normalize_answer
 
 
 @dataclass
@@ -138,9 +138,8 @@ class AnswerVocab:
 
     def soft_targets(self, answers: list[str]) -> dict[int, float]:
         """{answer index: official accuracy of predicting that answer} for the in-vocabulary candidates."""
-        candidates = {normalize_answer(a) for a in answers}
-        normalized = [normalize_answer(a) for a in answers]
-        return {self.index[c]: question_accuracy(c, normalized) for c in candidates if c in self.index}
+        counts = Counter(normalize_answer(a) for a in answers)
+        return {self.index[c]: leave_one_out_accuracy(k, len(answers)) for c, k in counts.items() if c in self.index}
 
 
 class VQADataset(Dataset):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 CONTRACTIONS = {
     "aint": "ain't",
@@ -163,6 +164,7 @@ def clean_whitespace(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
+@lru_cache(maxsize=1 << 16)  # pure and called for every annotator answer; real answer strings repeat a lot
 def process_punctuation(text: str) -> str:
     out = text
     for p in PUNCTUATION:
@@ -173,6 +175,7 @@ def process_punctuation(text: str) -> str:
     return PERIOD_STRIP.sub("", out, _PERIOD_STRIP_COUNT)
 
 
+@lru_cache(maxsize=1 << 16)
 def process_digit_article(text: str) -> str:
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     words = [w for w in words if w not in ARTICLES]
@@ -184,6 +187,12 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(process_punctuation(clean_whitespace(text)))
 
 
+def leave_one_out_accuracy(matches: int, total: int) -> float:
+    """Mean over the `total` leave-one-out subsets of min(1, matches among the others / 3), when `matches` of the
+    `total` answers equal the prediction: leaving out a matching answer leaves matches − 1, any other leaves matches."""
+    return (matches * min(1.0, (matches - 1) / 3) + (total - matches) * min(1.0, matches / 3)) / total
+
+
 def question_accuracy(prediction: str, gt_answers: list[str]) -> float:
     """Accuracy of one prediction against its ground-truth answers, exactly as the official evaluator computes it."""
     gts = [clean_whitespace(a) for a in gt_answers]
@@ -191,11 +200,7 @@ def question_accuracy(prediction: str, gt_answers: list[str]) -> float:
     if len(set(gts)) > 1:
         gts = [process_digit_article(process_punctuation(a)) for a in gts]
         pred = process_digit_article(process_punctuation(pred))
-    total = 0.0
-    for i in range(len(gts)):
-        matches = sum(1 for j, a in enumerate(gts) if j != i and a == pred)
-        total += min(1.0, matches / 3)
-    return total / len(gts)
+    return leave_one_out_accuracy(sum(a == pred for a in gts), len(gts))
 
 
 @dataclass

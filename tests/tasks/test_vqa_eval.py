@@ -4,6 +4,7 @@ import pytest
 
 from vlbench.tasks.vqa_eval import (
     evaluate_vqa,
+    leave_one_out_accuracy,
     normalize_answer,
     process_digit_article,
     process_punctuation,
@@ -56,6 +57,14 @@ def test_accuracy_leave_one_out_averaging():
     assert question_accuracy("yes", ["yes"] * 4 + ["no"] * 6) == pytest.approx(1.0)
     assert question_accuracy("yes", ["yes"] * 1 + ["no"] * 9) == pytest.approx(0.3)
     assert question_accuracy("maybe", ["yes"] * 5 + ["no"] * 5) == 0.0
+
+
+@pytest.mark.parametrize("matches", range(11))
+def test_closed_form_equals_the_explicit_leave_one_out_loop(matches):
+    answers = ["yes"] * matches + ["no"] * (10 - matches)
+    explicit = sum(min(1.0, sum(a == "yes" for j, a in enumerate(answers) if j != i) / 3) for i in range(10)) / 10
+    assert leave_one_out_accuracy(matches, 10) == pytest.approx(explicit)
+    assert question_accuracy("yes", answers) == pytest.approx(explicit)
 
 
 def test_unanimous_answers_are_not_normalised():
