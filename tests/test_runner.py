@@ -127,3 +127,13 @@ def test_lr_schedule_warmup_then_cosine_to_floor(make_cfg):
     assert lr_multiplier(10, cfg) == pytest.approx(1.0)
     assert lr_multiplier(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_multiplier(100, cfg) == pytest.approx(0.1)
+
+
+def test_the_record_says_which_checkpoint_was_tested(make_cfg, tmp_path):
+    best = run(make_cfg("model=textonly", "trainer.eval_every=2"), tmp_path / "best")
+    assert best["checkpoint"].startswith("best (step ")
+    last = run(make_cfg("model=textonly", "trainer.test_checkpoint=last"), tmp_path / "last")
+    assert last["checkpoint"] == "last"
+    with pytest.raises(VlbenchError, match="trainer.test_checkpoint='newest': expected best or last"):
+        run(make_cfg("model=textonly", "trainer.test_checkpoint=newest"), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "result.json").exists()

@@ -324,16 +324,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         predictions = predict_split(net, task, split, cfg, device, tcfg.progress)
         return predictions, task.evaluate(split, predictions)
 
-    def validate() -> None:
+    def validate() -> tuple[list[dict], EvalResult | None]:
         nonlocal best_value, best_step
-        _, result = evaluate(eval_split)
+        predictions, result = evaluate(eval_split)
         if result is None:
-            return
+            return predictions, result
         logger.log({f"{eval_split}/{k}": v for k, v in result.metrics.items()}, step)
         tqdm.write(f"step {step}: {eval_split} {result.main_metric} = {result.main_value:.2f}")
         if result.main_value > best_value:
             best_value, best_step = result.main_value, step
             record.save_checkpoint("best", net)
+        return predictions, result
 
     # ----- training --------------------------------------------------------------------------------------------
     micro_index = step * tcfg.grad_accum_steps
@@ -410,13 +411,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         return {"stopped_at_step": step, "run_dir": str(record.dir)}
 
     # ----- final evaluation ---------------------------------------------------------------------------------------
-    validate()
+    val_predictions, val_result = validate()
     record.save_checkpoint("last", net, trainer_state())
     checkpoint = "last"
     if tcfg.test_checkpoint == "best" and best_step is not None:
-        record.load_weights("best", net)
         checkpoint = f"best (step {best_step}, {eval_split} {task.cfg.main_metric} {best_value:.2f})"
-    val_predictions, val_result = evaluate(eval_split)
+        if best_step != step:  # otherwise the last weights are the best ones, already evaluated
+            record.load_weights("best", net)
+            val_predictions, val_result = evaluate(eval_split)
     task.write_predictions(val_predictions, record.dir / f"predictions_{eval_split}")
     test_predictions, test_result = evaluate(test_split)
     predictions_path = task.write_predictions(test_predictions, record.dir / f"predictions_{test_split}")
