@@ -137,3 +137,15 @@ def test_the_record_says_which_checkpoint_was_tested(make_cfg, tmp_path):
     with pytest.raises(VlbenchError, match="trainer.test_checkpoint='newest': expected best or last"):
         run(make_cfg("model=textonly", "trainer.test_checkpoint=newest"), tmp_path / "bad")
     assert not (tmp_path / "bad" / "result.json").exists()
+
+
+def test_evaluating_more_often_changes_no_training_result(make_cfg, tmp_path):
+    quiet = run(make_cfg("model=albef", "trainer.max_steps=4", "trainer.test_checkpoint=last"), tmp_path / "q")
+    chatty = run(
+        make_cfg("model=albef", "trainer.max_steps=4", "trainer.test_checkpoint=last", "trainer.eval_every=1"),
+        tmp_path / "c",
+    )
+    assert quiet["metrics"] == chatty["metrics"]
+    a = load_file(tmp_path / "q" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "c" / "checkpoints" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -161,6 +161,7 @@ def predict_split(net: TaskModel, task: Task, split: str, cfg: DictConfig, devic
         shuffle=False,
         collate_fn=dataset.collate,
         num_workers=cfg.trainer.num_workers,
+        generator=torch.Generator(),  # evaluating must not consume the training RNG: eval_every changes no result
     )
     was_training = net.training
     net.eval()
