@@ -51,7 +51,12 @@ class AlbefTowers(nn.Module):
     def __init__(self, cfg: DictConfig, ctx: ModelContext, sizes: TextSizes):
         super().__init__()
         self.visual_encoder = build_vit(
-            ctx.image_size, cfg.vit_patch_size, cfg.vit_hidden_size, cfg.vit_depth, cfg.vit_num_heads
+            ctx.image_size,
+            cfg.vit_patch_size,
+            cfg.vit_hidden_size,
+            cfg.vit_depth,
+            cfg.vit_num_heads,
+            cfg.vit_mlp_ratio,
         )
         self.text_encoder = TextEncoder(ctx.vocab_size, sizes, cfg.text_layers)
         self.fusion_encoder = TransformerStack(sizes, cfg.fusion_layers, cross_attention_size=cfg.vit_hidden_size)

@@ -172,7 +172,9 @@ class MLPClassifier(nn.Module):
         return self.net(x)
 
 
-def build_vit(image_size: int, patch_size: int, hidden_size: int, depth: int, num_heads: int) -> nn.Module:
+def build_vit(
+    image_size: int, patch_size: int, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float = 4.0
+) -> nn.Module:
     """A timm VisionTransformer returning all tokens ([CLS] first), randomly initialised (nothing is downloaded)."""
     from timm.models.vision_transformer import VisionTransformer
 
@@ -184,6 +186,7 @@ def build_vit(image_size: int, patch_size: int, hidden_size: int, depth: int, nu
         embed_dim=hidden_size,
         depth=depth,
         num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
         num_classes=0,
         global_pool="",
     )

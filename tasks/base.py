@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
 
+from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch
 
 
@@ -35,10 +36,20 @@ def pad_sequences(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor
     return ids, mask
 
 
+def dataset_files(data_cfg: DictConfig, data_format: str) -> DictConfig:
+    if data_format not in data_cfg.datasets:
+        raise VlbenchError(
+            f"data={data_cfg.name}: has no {data_format} files (data.datasets has {sorted(data_cfg.datasets)}); "
+            f"use a data config that provides {data_format}, e.g. data=synthetic"
+        )
+    return data_cfg.datasets[data_format]
+
+
 class Task:
     """Base class. ``head_kind`` names the native head a model may offer instead of the shared one."""
 
     head_kind: str = ""
+    data_format: str = ""  # the dataset format the task reads: a key of ``data.datasets`` (vqav2, gqa, nlvr2, karpathy)
 
     def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
         self.cfg = cfg
@@ -50,6 +61,11 @@ class Task:
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    @property
+    def files(self) -> DictConfig:
+        """Where this task's format lies in the data config (image template, split names)."""
+        return dataset_files(self.data_cfg, self.data_format)
 
     @property
     def num_groups(self) -> int:

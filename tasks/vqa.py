@@ -200,13 +200,14 @@ class SharedAnswerHead(nn.Module):
 @TASKS.register("vqa")
 class VQATask(Task):
     head_kind = "answer_classifier"
+    data_format = "vqav2"
 
     def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
         super().__init__(cfg, data_cfg, data_root, tokenizer, visual_input)
         self._splits: dict[str, tuple[list[VQAExample], bool]] = {}
         train_examples, train_annotated = self._read("train")
         if not train_annotated:
-            raise VlbenchError(f"{data_root}: the training split {data_cfg.splits.train} has no annotations file")
+            raise VlbenchError(f"{data_root}: the training split {self.files.splits.train} has no annotations file")
         self.vocab = AnswerVocab.from_examples(train_examples, cfg.num_answers)
         types = sorted({ex.question_type for ex in train_examples})
         self.group_index = {t: i + 1 for i, t in enumerate(types)}  # 0: a type unseen in training
@@ -221,11 +222,12 @@ class VQATask(Task):
 
     def _read(self, split: str) -> tuple[list[VQAExample], bool]:
         if split not in self._splits:
-            if split not in self.data_cfg.splits:
-                raise VlbenchError(f"data.splits: no split named {split!r} (have {list(self.data_cfg.splits)})")
-            examples, annotated = read_vqa_split(
-                self.data_root, self.data_cfg.splits[split], self.data_cfg.image_template
-            )
+            files = self.files
+            if split not in files.splits:
+                raise VlbenchError(
+                    f"data.datasets.{self.data_format}.splits: no split named {split!r} (have {list(files.splits)})"
+                )
+            examples, annotated = read_vqa_split(self.data_root, files.splits[split], files.image_template)
             if not examples:
                 raise VlbenchError(f"{self.data_root}: split {split!r} has no questions")
             if self.data_cfg.limit_examples > 0:
@@ -306,5 +308,5 @@ class VQATask(Task):
         return {
             "num_answers": len(self.vocab),
             "num_question_types": len(self.group_index),
-            "answer_vocab_source": f"train ({self.data_cfg.splits.train}) multiple_choice_answer, top-K",
+            "answer_vocab_source": f"train ({self.files.splits.train}) multiple_choice_answer, top-K",
         }

@@ -240,10 +240,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     seed_everything(cfg.seed)
     device = pick_device(tcfg.device)
-    data_root = resolve_data_root(cfg.data)
-    tokenizer = load_tokenizer(cfg.data.tokenizer, data_root)
     model_cls = MODELS.get(cfg.model.name)
-    task: Task = TASKS.get(cfg.task.name)(cfg.task, cfg.data, data_root, tokenizer, model_cls.visual_input)
+    task_cls = TASKS.get(cfg.task.name)
+    data_root = resolve_data_root(cfg.data, task_cls.data_format)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, data_root)
+    task: Task = task_cls(cfg.task, cfg.data, data_root, tokenizer, model_cls.visual_input)
     ctx = ModelContext(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,

@@ -53,6 +53,17 @@ class TrainerConfig:
 
 
 @dataclass
+class DatasetFiles:
+    """Where one dataset format's files lie under ``data.root``; tasks read the format they need."""
+
+    # image path relative to the format's folder; fields: {subtype} (the split's own name), {image_id}, and the
+    # format's own ({filepath}/{filename} for Karpathy, {identifier}/{index} for NLVR2)
+    image_template: str = MISSING
+    splits: dict[str, str] = field(default_factory=dict)  # train / val / test → the dataset's own split names
+    subdir: str = ""  # the format's folder under data.root ("": root itself)
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     root: str | None = None  # a directory in the official format; null for the synthetic world (generated)
@@ -64,9 +75,8 @@ class DataConfig:
     cache_images: bool = False
     tokenizer: str = "auto"  # auto: <root>/tokenizer.json; otherwise a local path or hub name (local files only)
     max_text_len: int = 32
-    splits: dict[str, str] = field(default_factory=lambda: {"train": "train2014", "val": "val2014", "test": "test2015"})
-    # where images live, relative to root; {subtype} is the split's official name (e.g. train2014)
-    image_template: str = "images/{subtype}/COCO_{subtype}_{image_id:012d}.jpg"
+    # the dataset formats found under root, keyed by format (vqav2 | gqa | nlvr2 | karpathy); a task reads its own
+    datasets: dict[str, DatasetFiles] = field(default_factory=dict)
     limit_examples: int = 0  # >0: use only the first N examples of each split (smoke runs)
     # synthetic world parameters (ignored for real data)
     seed: int = 0
@@ -107,6 +117,7 @@ class AlbefModelConfig(ModelConfig):
     vit_hidden_size: int = 768
     vit_depth: int = 12
     vit_num_heads: int = 12
+    vit_mlp_ratio: float = 4.0
     # BERT text (first N layers) + fusion (last M layers with cross-attention)
     text: TextSizes = field(default_factory=TextSizes)
     text_layers: int = 6

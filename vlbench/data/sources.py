@@ -23,14 +23,16 @@ def synthetic_config(data_cfg: DictConfig) -> SyntheticConfig:
     )
 
 
-def resolve_data_root(data_cfg: DictConfig) -> Path:
-    """The directory holding the dataset's files; generates the synthetic world when ``data.root`` is null."""
+def resolve_data_root(data_cfg: DictConfig, data_format: str = "vqav2") -> Path:
+    """The folder holding one format's files; generates the synthetic world's when ``data.root`` is null."""
     if data_cfg.root is None:
         if data_cfg.name != "synthetic":
             raise VlbenchError(f"data.root: required for data={data_cfg.name} (a directory with the official files)")
         cache = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else None
         return ensure_world(synthetic_config(data_cfg), cache)
     root = Path(data_cfg.root).expanduser()
+    subdir = data_cfg.datasets[data_format].subdir if data_format in data_cfg.datasets else ""
+    root = root / subdir if subdir else root
     if not root.is_dir():
         raise VlbenchError(f"data.root={root}: directory not found (expected the dataset's official files there)")
     return root
