@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from vlbench.models.base import Batch, JointEncoding, ModelContext, TextSizes, VisionLanguageModel
+from vlbench.models.base import (
+    Batch,
+    JointEncoding,
+    ModelContext,
+    ModelObjectives,
+    TextSizes,
+    VisionLanguageModel,
+)
 from vlbench.models.layers import MaskedLMHead, TextEncoder, TransformerStack, build_vit, init_bert_weights
 from vlbench.models.losses import (
     distillation_targets,
@@ -99,7 +106,12 @@ class ALBEF(VisionLanguageModel):
         self.momentum_model.requires_grad_(False)
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        # image ids of the queued features (-1: unknown), so a caption's other captions are positives, not negatives
+        self.register_buffer("id_queue", torch.full((cfg.queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def native_head(self, kind: str, num_outputs: int) -> nn.Module | None:
+        return ModelObjectives() if kind in ("image_text_matcher", "pretrain") else None
 
     # ----- the contract -----------------------------------------------------------------------------------------
     def encode(self, batch: Batch) -> JointEncoding:
@@ -117,19 +129,50 @@ class ALBEF(VisionLanguageModel):
 
     def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """ITC + ITM + MLM as in the reference ``ALBEF.forward`` (pre-training), each returned separately."""
+        losses, image_tokens, image_tokens_m, alpha = self._align_and_match(batch, step)
+        losses["mlm"] = self._mlm_loss(batch["input_ids"], batch["attention_mask"], image_tokens, image_tokens_m, alpha)
+        return losses
+
+    def retrieval_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """ITC + ITM as in the reference ``ALBEF_Retrieval`` fine-tuning (every caption of an image is a positive)."""
+        return self._align_and_match(batch, step)[0]
+
+    def embed_image(self, batch: Batch) -> torch.Tensor:
+        return self.online.encode_image(batch["pixel_values"])[1]
+
+    def embed_text(self, batch: Batch) -> torch.Tensor:
+        return self.online.encode_text(batch["input_ids"], batch["attention_mask"])[1]
+
+    def match_scores(self, batch: Batch) -> torch.Tensor:
+        """The ITM head's positive logit for each (image, text) pair of the batch: the reference's rerank score."""
+        return self.itm_head(self.encode(batch).pooled)[:, 1]
+
+    def _align_and_match(self, batch: Batch, step: int):
+        """ITC (+ momentum distillation, queues) and ITM with hard negatives; momentum/queue updates only in training.
+
+        Returns (losses, online image tokens, momentum image tokens, alpha) so MLM can reuse the image encodings.
+        """
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         alpha = self.alpha_at(step)
-        with torch.no_grad():
-            self.temp.clamp_(self.cfg.temperature_min, self.cfg.temperature_max)
+        if self.training:
+            with torch.no_grad():
+                self.temp.clamp_(self.cfg.temperature_min, self.cfg.temperature_max)
 
         image_tokens, image_feat = self.online.encode_image(batch["pixel_values"])
         text_tokens, text_feat = self.online.encode_text(input_ids, attention_mask)
 
         with torch.no_grad():
-            momentum_update(self.online, self.momentum_model, self.cfg.momentum)
+            if self.training:
+                momentum_update(self.online, self.momentum_model, self.cfg.momentum)
             image_tokens_m, image_feat_m = self.momentum_model.encode_image(batch["pixel_values"])
             _, text_feat_m = self.momentum_model.encode_text(input_ids, attention_mask)
 
+        image_ids = batch.get("image_ids")
+        positives = same_image = None
+        if image_ids is not None:
+            ids_all = torch.cat([image_ids, self.id_queue])
+            positives = image_ids.view(-1, 1) == ids_all.view(1, -1)
+            same_image = positives[:, : image_ids.shape[0]]
         loss_itc, sim_i2t, sim_t2i = image_text_contrastive_loss(
             image_feat,
             text_feat,
@@ -139,24 +182,29 @@ class ALBEF(VisionLanguageModel):
             self.text_queue.clone().detach(),
             self.temp,
             alpha,
+            positives,
         )
-        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+        if self.training:
+            self._dequeue_and_enqueue(image_feat_m, text_feat_m, image_ids)
 
-        loss_itm = self._itm_loss(text_tokens, attention_mask, image_tokens, sim_i2t, sim_t2i)
-        loss_mlm = self._mlm_loss(input_ids, attention_mask, image_tokens, image_tokens_m, alpha)
-        return {"itc": loss_itc, "itm": loss_itm, "mlm": loss_mlm}
+        loss_itm = self._itm_loss(text_tokens, attention_mask, image_tokens, sim_i2t, sim_t2i, same_image)
+        return {"itc": loss_itc, "itm": loss_itm}, image_tokens, image_tokens_m, alpha
 
     @torch.no_grad()
-    def _dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
+    def _dequeue_and_enqueue(
+        self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, image_ids: torch.Tensor | None
+    ) -> None:
         start = int(self.queue_ptr.item())
         enqueue(self.image_queue, start, image_feat_m)
         enqueue(self.text_queue, start, text_feat_m)
+        ids = image_ids if image_ids is not None else torch.full_like(self.id_queue[: image_feat_m.shape[0]], -1)
+        enqueue(self.id_queue.view(1, -1), start, ids.view(-1, 1).to(self.id_queue.dtype))
         self.queue_ptr.fill_((start + image_feat_m.shape[0]) % self.image_queue.shape[1])
 
     # ----- objectives ---------------------------------------------------------------------------------------------
-    def _itm_loss(self, text_tokens, attention_mask, image_tokens, sim_i2t, sim_t2i) -> torch.Tensor:
+    def _itm_loss(self, text_tokens, attention_mask, image_tokens, sim_i2t, sim_t2i, same_image) -> torch.Tensor:
         batch = text_tokens.shape[0]
-        neg_text_for_image, neg_image_for_text = sample_hard_negatives(sim_i2t, sim_t2i)
+        neg_text_for_image, neg_image_for_text = sample_hard_negatives(sim_i2t, sim_t2i, same_image)
         positive = self.online.fuse(text_tokens, attention_mask, image_tokens)[:, 0]
         # negatives: (every text, its hard negative image) then (every image, its hard negative text)
         neg_texts = torch.cat([text_tokens, text_tokens[neg_text_for_image]])

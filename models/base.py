@@ -7,7 +7,12 @@ and pre-training losses. Batches are dicts of tensors with these keys:
 - ``input_ids`` (B, L), ``attention_mask`` (B, L): tokenised text, [CLS] first.
 - ``pixel_values`` (B, 3, H, W): normalised images, for ``visual_input == "pixels"``.
 - ``group_ids`` (B,): the task's prior group of each example (VQA: question type), for blind baselines.
+- ``region_features`` (B, K, D), ``region_boxes`` (B, K, 4) normalised x1, y1, x2, y2, ``region_mask`` (B, K), and
+  the detector's labels ``region_object_ids``/``region_attr_ids`` (B, K; -1 none) with ``*_conf``: ``regions`` models.
+- ``image_ids`` (B,): which image each caption shows (retrieval, pre-training), so captions of one image are not
+  each other's negatives.
 - task targets (e.g. ``targets`` (B, num_answers) soft scores for VQA).
+Multi-image examples (NLVR2) carry the visual keys suffixed ``_img0``, ``_img1``; the task feeds one image at a time.
 """
 
 from __future__ import annotations
@@ -66,4 +71,30 @@ class VisionLanguageModel(nn.Module):
         return None
 
     def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """The model's own pre-training objectives, each separately (the pretrain task sums and logs them)."""
         raise NotImplementedError(f"{type(self).__name__} has no pre-training objectives")
+
+    # ----- retrieval (optional): models with unimodal embeddings and/or their own matching head --------------------
+    def embed_image(self, batch: Batch) -> torch.Tensor | None:
+        """L2-normalised unimodal image embeddings (B, E) for contrastive retrieval, or None when the model has none."""
+        return None
+
+    def embed_text(self, batch: Batch) -> torch.Tensor | None:
+        """L2-normalised unimodal text embeddings (B, E), or None."""
+        return None
+
+    def match_scores(self, batch: Batch) -> torch.Tensor | None:
+        """The model's own image-text matching score (B,) for each pair of the batch, or None."""
+        return None
+
+    def retrieval_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """The model's own retrieval fine-tuning objectives (``head=native`` on the retrieval task)."""
+        raise NotImplementedError(f"{type(self).__name__} has no retrieval objectives of its own")
+
+
+class ModelObjectives(nn.Module):
+    """The native "head" of tasks whose native form is the model's own objectives and scores (ALBEF retrieval:
+    ITC + ITM). It holds no parameters; the task sees it and calls the model's methods instead of a head."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("ModelObjectives is a marker: the task calls the model's objectives directly")

@@ -28,18 +28,24 @@ def image_text_contrastive_loss(
     text_queue: torch.Tensor,
     temperature: torch.Tensor,
     alpha: float,
+    positives: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ITC in both directions against in-batch momentum features plus the queues, with distilled targets.
 
     image_feat/text_feat: (B, D) L2-normalised online features; *_m the momentum ones (no grad);
-    queues: (D, Q). Returns (loss, sim_i2t, sim_t2i) where sims are (B, B + Q), online vs momentum + queue.
+    queues: (D, Q). ``positives`` (B, B + Q) marks every column that shows the same image as the row (ALBEF's
+    retrieval fine-tuning: all captions of an image are positives, weighted equally); default: the diagonal only.
+    Returns (loss, sim_i2t, sim_t2i) where sims are (B, B + Q), online vs momentum + queue.
     """
     batch = image_feat.shape[0]
     with torch.no_grad():
         image_feat_all = torch.cat([image_feat_m.t(), image_queue], dim=1)  # (D, B + Q)
         text_feat_all = torch.cat([text_feat_m.t(), text_queue], dim=1)
-        hard = torch.zeros(batch, image_feat_all.shape[1], device=image_feat.device)
-        hard.fill_diagonal_(1)
+        if positives is None:
+            hard = torch.zeros(batch, image_feat_all.shape[1], device=image_feat.device)
+            hard.fill_diagonal_(1)
+        else:
+            hard = positives.float() / positives.float().sum(dim=1, keepdim=True)
         i2t_targets = distillation_targets(image_feat_m @ text_feat_all / temperature, hard, alpha)
         t2i_targets = distillation_targets(text_feat_m @ image_feat_all / temperature, hard, alpha)
     sim_i2t = image_feat @ text_feat_all / temperature
@@ -48,11 +54,14 @@ def image_text_contrastive_loss(
     return loss, sim_i2t, sim_t2i
 
 
-def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_hard_negatives(
+    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, same_image: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image a negative text, for each text a negative image, drawn ∝ softmax(similarity), never the positive.
 
-    sim_*: (B, ≥B) similarities whose first B columns are the in-batch pairs. Returns (negative text index per
-    image, negative image index per text), each (B,). As in ALBEF, 1e-4 is added so an all-zero row cannot occur.
+    sim_*: (B, ≥B) similarities whose first B columns are the in-batch pairs. ``same_image`` (B, B) excludes pairs
+    that show the same image (several captions of one image in a batch). Returns (negative text index per image,
+    negative image index per text), each (B,). As in ALBEF, 1e-4 is added so an all-zero row cannot occur.
     """
     batch = sim_i2t.shape[0]
     if batch < 2:
@@ -62,6 +71,13 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> tuple
         weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1) + 1e-4
         weights_i2t.fill_diagonal_(0)
         weights_t2i.fill_diagonal_(0)
+        if same_image is not None:
+            weights_i2t.masked_fill_(same_image, 0)
+            weights_t2i.masked_fill_(same_image, 0)
+            # a batch made only of one image's captions has no negative: fall back to any other pair
+            empty = weights_i2t.sum(dim=1) == 0
+            weights_i2t[empty] = 1.0 - torch.eye(batch, device=weights_i2t.device)[empty]
+            weights_t2i[empty] = 1.0 - torch.eye(batch, device=weights_t2i.device)[empty]
         neg_text_for_image = torch.multinomial(weights_i2t, 1).squeeze(1)
         neg_image_for_text = torch.multinomial(weights_t2i, 1).squeeze(1)
     return neg_text_for_image, neg_image_for_text

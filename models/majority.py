@@ -1,10 +1,10 @@
 """Blind baseline: the most frequent training answer per prior group (VQA: per question type).
 
 Why: the floor every model must clear; with ``textonly`` it shows how much the text alone explains. It is a model
-like the others so the same runner, record and leaderboard handle it. Its native ``answer_classifier`` head counts,
-during training, the best-scored target answer of each example per group, and predicts the group's most frequent
-answer (ties → the lower answer index, i.e. the more frequent answer overall). It has no trainable parameters, so the
-runner takes no optimizer step for it.
+like the others so the same runner, record and leaderboard handle it. Its native ``answer_classifier`` head (also
+NLVR2's ``pair_classifier``) counts, during training, the best-scored target answer of each example per group, and
+predicts the group's most frequent answer (ties → the lower answer index, i.e. the more frequent answer overall). It
+has no trainable parameters, so the runner takes no optimizer step for it.
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ class GroupCountClassifier(nn.Module):
         super().__init__()
         self.register_buffer("counts", torch.zeros(num_groups, num_outputs))
 
-    def forward(self, encoding: JointEncoding, batch: Batch) -> torch.Tensor:
+    def forward(self, encoding: JointEncoding | list[JointEncoding], batch: Batch) -> torch.Tensor:
         groups = batch["group_ids"]
         if self.training:
-            targets = batch["targets"]
-            answered = targets.max(dim=1).values > 0
-            best = targets.argmax(dim=1)
+            if "targets" in batch:  # soft scores (VQA): the best-scored answer
+                targets = batch["targets"]
+                answered = targets.max(dim=1).values > 0
+                best = targets.argmax(dim=1)
+            else:  # class labels (GQA, NLVR2); -100 marks an answer outside the vocabulary
+                best = batch["labels"].clamp(min=0)
+                answered = batch["labels"] >= 0
             self.counts.index_put_(
                 (groups[answered], best[answered]),
                 torch.ones_like(best[answered], dtype=self.counts.dtype),
@@ -54,6 +58,6 @@ class Majority(VisionLanguageModel):
         return JointEncoding(pooled=pooled, tokens=pooled[:, None], mask=torch.ones_like(pooled[:, :1]))
 
     def native_head(self, kind: str, num_outputs: int) -> nn.Module | None:
-        if kind == "answer_classifier":
+        if kind in ("answer_classifier", "pair_classifier"):
             return GroupCountClassifier(self.num_groups, num_outputs)
         return None

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch
@@ -19,10 +23,39 @@ class EvalResult:
     main_metric: str
     metrics: dict[str, float]
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
+    higher_is_better: bool = True  # False for losses (the pretrain task selects its checkpoint by validation loss)
 
     @property
     def main_value(self) -> float:
         return self.metrics[self.main_metric]
+
+    def better_than(self, value: float) -> bool:
+        return self.main_value > value if self.higher_is_better else self.main_value < value
+
+
+@dataclass
+class EvalContext:
+    """How the runner wants evaluation done: device, batch size, loader workers, progress bars, autocast."""
+
+    device: torch.device
+    batch_size: int
+    num_workers: int = 0
+    progress: bool = False
+    autocast: Callable[[], AbstractContextManager] = field(default=lambda: torch.autocast("cpu", enabled=False))
+
+    def loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=dataset.collate,
+            num_workers=self.num_workers,
+            generator=torch.Generator(),  # evaluating must not consume the training RNG: eval_every changes no result
+        )
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def pad_sequences(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +110,26 @@ class Task:
 
     def dataset(self, split: str) -> Dataset:
         raise NotImplementedError
+
+    def forward(self, model: nn.Module, head: nn.Module, batch: Batch, step: int) -> Any:
+        """What training and prediction compute on a batch; by default the head over the joint encoding."""
+        return head(model.encode(batch), batch)
+
+    def loss_terms(self, outputs: Any) -> dict[str, float]:
+        """Named parts of the loss to log besides the total (pre-training objectives); none by default."""
+        return {}
+
+    @torch.no_grad()
+    def predict_split(self, net: nn.Module, split: str, ctx: EvalContext) -> list[dict]:
+        """Predictions for a split in the task's record format: batched forward passes, then ``predict``."""
+        dataset = self.dataset(split)
+        predictions: list[dict] = []
+        for batch in tqdm(ctx.loader(dataset), desc=f"eval {split}", leave=False, disable=not ctx.progress):
+            batch = to_device(batch, ctx.device)
+            with ctx.autocast():
+                outputs = net(batch)
+            predictions += self.predict(outputs.float(), batch, split)
+        return predictions
 
     def build_shared_head(self, hidden_size: int) -> nn.Module:
         raise NotImplementedError

@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import Dataset
 
-from vlbench.data.images import ImageLoader
+from vlbench.data.files import read_json, require_keys
 from vlbench.errors import VlbenchError
-from vlbench.models.base import Batch, JointEncoding
-from vlbench.models.layers import MLPClassifier
+from vlbench.models.base import Batch
 from vlbench.registry import TASKS
-from vlbench.tasks.base import EvalResult, Task, pad_sequences
+from vlbench.tasks.answers import AnswerVocab, SharedAnswerHead
+from vlbench.tasks.base import EvalResult, Task
+from vlbench.tasks.datasets import ExampleDataset, ImageRef, build_visual_reader
 from vlbench.tasks.vqa_eval import evaluate_vqa, leave_one_out_accuracy, normalize_answer
 
 
@@ -39,26 +39,6 @@ class VQAExample:
     answer_type: str | None = None
     answers: list[str] | None = None  # the 10 raw annotator answers, when the split is annotated
     multiple_choice_answer: str | None = None
-
-
-def read_json(path: Path) -> dict | list:
-    if not path.is_file():
-        raise VlbenchError(f"{path}: file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise VlbenchError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
-    except UnicodeDecodeError as e:
-        raise VlbenchError(f"{path}: not UTF-8 text ({e.reason})") from e
-
-
-def _require(record: object, keys: tuple[str, ...], path: Path, what: str) -> None:
-    if not isinstance(record, dict):
-        raise VlbenchError(f"{path}: {what} is a {type(record).__name__}, expected an object with keys {keys}")
-    missing = [k for k in keys if k not in record]
-    if missing:
-        raise VlbenchError(f"{path}: {what} lacks key(s) {missing} (expected {list(keys)})")
 
 
 def _records(doc: object, key: str, path: Path) -> list:
@@ -79,7 +59,7 @@ def read_vqa_split(root: Path, subtype: str, image_template: str) -> tuple[list[
     annotated = a_path.exists()
     if annotated:
         for i, ann in enumerate(_records(read_json(a_path), "annotations", a_path)):
-            _require(
+            require_keys(
                 ann,
                 ("question_id", "answers", "multiple_choice_answer", "question_type", "answer_type"),
                 a_path,
@@ -93,7 +73,7 @@ def read_vqa_split(root: Path, subtype: str, image_template: str) -> tuple[list[
     examples = []
     image_exists: dict[int, bool] = {}
     for i, q in enumerate(questions):
-        _require(q, ("question_id", "image_id", "question"), q_path, f"question #{i}")
+        require_keys(q, ("question_id", "image_id", "question"), q_path, f"question #{i}")
         image_path = root / image_template.format(subtype=subtype, image_id=q["image_id"])
         if q["image_id"] not in image_exists:
             image_exists[q["image_id"]] = image_path.is_file()
@@ -120,81 +100,19 @@ def read_vqa_split(root: Path, subtype: str, image_template: str) -> tuple[list[
     return examples, annotated
 
 
-class AnswerVocab:
-    """Top-K normalised answers of the training split; index 0 is the most frequent."""
-
-    def __init__(self, answers: list[str]):
-        self.answers = answers
-        self.index = {a: i for i, a in enumerate(answers)}
+class VQAAnswerVocab(AnswerVocab):
+    """The answer vocabulary over normalised ``multiple_choice_answer`` strings, with official soft targets."""
 
     @classmethod
-    def from_examples(cls, examples: list[VQAExample], top_k: int) -> AnswerVocab:
-        counts = Counter(normalize_answer(ex.multiple_choice_answer) for ex in examples if ex.answers is not None)
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        return cls([a for a, _ in ranked[:top_k]])
-
-    def __len__(self) -> int:
-        return len(self.answers)
+    def from_examples(cls, examples: list[VQAExample], top_k: int) -> VQAAnswerVocab:
+        return cls.from_answers(
+            (normalize_answer(ex.multiple_choice_answer) for ex in examples if ex.answers is not None), top_k
+        )
 
     def soft_targets(self, answers: list[str]) -> dict[int, float]:
         """{answer index: official accuracy of predicting that answer} for the in-vocabulary candidates."""
         counts = Counter(normalize_answer(a) for a in answers)
         return {self.index[c]: leave_one_out_accuracy(k, len(answers)) for c, k in counts.items() if c in self.index}
-
-
-class VQADataset(Dataset):
-    def __init__(self, examples, annotated, tokenizer, max_text_len, vocab, group_index, image_loader, pixels):
-        self.examples = examples
-        self.annotated = annotated
-        self.encoded = tokenizer([ex.question for ex in examples], truncation=True, max_length=max_text_len)[
-            "input_ids"
-        ]
-        self.targets = [vocab.soft_targets(ex.answers) for ex in examples] if annotated else None
-        self.num_answers = len(vocab)
-        self.group_ids = [group_index.get(ex.question_type or "", 0) for ex in examples]
-        self.image_loader = image_loader
-        self.pixels = pixels
-        self.pad_token_id = tokenizer.pad_token_id
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict:
-        item = {"index": i, "input_ids": self.encoded[i], "group_id": self.group_ids[i]}
-        if self.pixels:
-            item["pixel_values"] = self.image_loader(self.examples[i].image_path)
-        if self.targets is not None:
-            item["targets"] = self.targets[i]
-        return item
-
-    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = pad_sequences([it["input_ids"] for it in items], self.pad_token_id)
-        batch = {
-            "index": torch.tensor([it["index"] for it in items]),
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "group_ids": torch.tensor([it["group_id"] for it in items]),
-        }
-        if self.pixels:
-            batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
-        if self.targets is not None:
-            targets = torch.zeros(len(items), self.num_answers)
-            for row, it in enumerate(items):
-                for col, score in it["targets"].items():
-                    targets[row, col] = score
-            batch["targets"] = targets
-        return batch
-
-
-class SharedAnswerHead(nn.Module):
-    """The controlled-comparison VQA head: a 2-layer MLP over the pooled joint encoding."""
-
-    def __init__(self, hidden_size: int, num_answers: int, multiplier: int, dropout: float):
-        super().__init__()
-        self.classifier = MLPClassifier(hidden_size, hidden_size * multiplier, num_answers, dropout)
-
-    def forward(self, encoding: JointEncoding, batch: Batch) -> torch.Tensor:
-        return self.classifier(encoding.pooled)
 
 
 @TASKS.register("vqa")
@@ -208,13 +126,11 @@ class VQATask(Task):
         train_examples, train_annotated = self._read("train")
         if not train_annotated:
             raise VlbenchError(f"{data_root}: the training split {self.files.splits.train} has no annotations file")
-        self.vocab = AnswerVocab.from_examples(train_examples, cfg.num_answers)
+        self.vocab = VQAAnswerVocab.from_examples(train_examples, cfg.num_answers)
         types = sorted({ex.question_type for ex in train_examples})
         self.group_index = {t: i + 1 for i, t in enumerate(types)}  # 0: a type unseen in training
-        self.image_loader = ImageLoader(
-            data_cfg.image_size, list(data_cfg.image_mean), list(data_cfg.image_std), cache=data_cfg.cache_images
-        )
-        self._datasets: dict[str, VQADataset] = {}
+        self.visual = build_visual_reader(data_cfg, self.files, data_root, visual_input)
+        self._datasets: dict[str, ExampleDataset] = {}
 
     @property
     def num_groups(self) -> int:
@@ -235,20 +151,27 @@ class VQATask(Task):
             self._splits[split] = (examples, annotated)
         return self._splits[split]
 
-    def dataset(self, split: str) -> VQADataset:
+    def dataset(self, split: str) -> ExampleDataset:
         if split not in self._datasets:
             examples, annotated = self._read(split)
-            self._datasets[split] = VQADataset(
-                examples,
-                annotated,
+            self._datasets[split] = ExampleDataset(
+                [ex.question for ex in examples],
+                [[ImageRef(ex.image_path, str(ex.image_id))] for ex in examples],
                 self.tokenizer,
                 self.data_cfg.max_text_len,
-                self.vocab,
-                self.group_index,
-                self.image_loader,
-                pixels=self.visual_input == "pixels",
+                self.visual,
+                targets=[self.vocab.soft_targets(ex.answers) for ex in examples] if annotated else None,
+                collate_targets=self._collate_targets,
+                group_ids=[self.group_index.get(ex.question_type or "", 0) for ex in examples],
             )
         return self._datasets[split]
+
+    def _collate_targets(self, targets: list[dict[int, float]]) -> dict[str, torch.Tensor]:
+        dense = torch.zeros(len(targets), len(self.vocab))
+        for row, scores in enumerate(targets):
+            for col, score in scores.items():
+                dense[row, col] = score
+        return {"targets": dense}
 
     def build_shared_head(self, hidden_size: int) -> nn.Module:
         return SharedAnswerHead(hidden_size, len(self.vocab), self.cfg.head_hidden_multiplier, self.cfg.head_dropout)

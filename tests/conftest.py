@@ -53,4 +53,5 @@ def make_cfg(cache_dir, tmp_path):
 def small_world(cache_dir) -> Path:
     from vlbench.data.synthetic import SyntheticConfig, ensure_world
 
-    return ensure_world(SyntheticConfig(images={"train": 96, "val": 24, "test": 24}, questions_per_image=3), cache_dir)
+    cfg = SyntheticConfig(images={"train": 96, "val": 24, "test": 24}, questions_per_image=3)
+    return ensure_world(cfg, "vqav2", cache_dir)

@@ -102,13 +102,25 @@ def test_vlbench_data_synth_and_inspect(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert (out / "v2_mscoco_train2014_annotations.json").exists() and (out / "tokenizer.json").exists()
+    assert proc.stdout.split() == [str(out / "vqav2")]
+    assert (out / "vqav2" / "v2_mscoco_train2014_annotations.json").exists()
+    assert (out / "vqav2" / "tokenizer.json").exists()
     proc = subprocess.run(
-        [*cmd, "inspect", str(out), "--subtype", "train2014"], capture_output=True, text=True, timeout=120
+        [*cmd, "inspect", str(out / "vqav2"), "--subtype", "train2014"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "train2014: 50 questions on 10 images" in proc.stdout
     proc = subprocess.run([*cmd, "synth", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not empty" in proc.stderr
+    # another format goes next to the first, sizes given apply to it (NLVR2: sentences × 4 pairs)
+    proc = subprocess.run(
+        [*cmd, "synth", "--format", "nlvr2", "--out", str(out), "--train", "3", "--val", "1", "--test", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len((out / "nlvr2" / "train.json").read_text().splitlines()) == 12
+    assert sorted(p.name for p in out.iterdir()) == ["nlvr2", "vqav2"]
 
 
 def test_multirun_sweep_writes_one_record_per_job(tmp_path, cache_dir):

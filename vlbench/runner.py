@@ -36,19 +36,26 @@ from vlbench.results import (
     package_versions,
     semantic_config,
 )
-from vlbench.tasks.base import EvalResult, Task
+from vlbench.tasks.base import EvalContext, EvalResult, Task, dataset_files, to_device
 
 
 class TaskModel(nn.Module):
-    """A model plus the head a task uses on it; the unit that is optimised and checkpointed."""
+    """A model plus the head a task uses on it; the unit that is optimised and checkpointed.
 
-    def __init__(self, model: VisionLanguageModel, head: nn.Module):
+    ``forward`` is the task's (``Task.forward``): most tasks run the head over the joint encoding, NLVR2 encodes two
+    images, pre-training returns the model's own objectives. ``step`` is the optimiser step the batch belongs to
+    (schedules inside objectives, e.g. ALBEF's distillation weight, depend on it).
+    """
+
+    def __init__(self, model: VisionLanguageModel, head: nn.Module, task: Task):
         super().__init__()
         self.model = model
         self.head = head
+        self.task = task  # not a module: holds no parameters
+        self.step = 0
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.model.encode(batch), batch)
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.task.forward(self.model, self.head, batch, self.step)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -148,31 +155,24 @@ def lr_multiplier(step: int, cfg: DictConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def eval_context(cfg: DictConfig, device: torch.device) -> EvalContext:
+    return EvalContext(
+        device=device,
+        batch_size=cfg.trainer.eval_batch_size,
+        num_workers=cfg.trainer.num_workers,
+        progress=cfg.trainer.progress,
+        autocast=lambda: autocast_context(device, cfg.trainer.precision),
+    )
 
 
 @torch.no_grad()
-def predict_split(net: TaskModel, task: Task, split: str, cfg: DictConfig, device, progress: bool) -> list[dict]:
-    dataset = task.dataset(split)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.trainer.eval_batch_size,
-        shuffle=False,
-        collate_fn=dataset.collate,
-        num_workers=cfg.trainer.num_workers,
-        generator=torch.Generator(),  # evaluating must not consume the training RNG: eval_every changes no result
-    )
+def predict_split(net: TaskModel, task: Task, split: str, ctx: EvalContext) -> list[dict]:
     was_training = net.training
     net.eval()
-    predictions: list[dict] = []
-    for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not progress):
-        batch = to_device(batch, device)
-        with autocast_context(device, cfg.trainer.precision):
-            outputs = net(batch)
-        predictions += task.predict(outputs.float(), batch, split)
-    net.train(was_training)
-    return predictions
+    try:
+        return task.predict_split(net, split, ctx)
+    finally:
+        net.train(was_training)
 
 
 def count_flops_per_sample(net: TaskModel, batch: dict[str, torch.Tensor]) -> int | None:
@@ -242,6 +242,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     device = pick_device(tcfg.device)
     model_cls = MODELS.get(cfg.model.name)
     task_cls = TASKS.get(cfg.task.name)
+    dataset_files(cfg.data, task_cls.data_format)  # the data config must provide this task's format: fail now
     data_root = resolve_data_root(cfg.data, task_cls.data_format)
     tokenizer = load_tokenizer(cfg.data.tokenizer, data_root)
     task: Task = task_cls(cfg.task, cfg.data, data_root, tokenizer, model_cls.visual_input)
@@ -265,7 +266,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         head = task.build_shared_head(model.hidden_size)
     else:
         raise VlbenchError(f"head={cfg.head!r}: expected shared or native")
-    net = TaskModel(model, head).to(device)
+    net = TaskModel(model, head, task).to(device)
+    ectx = eval_context(cfg, device)
 
     train_set = task.dataset("train")
     eval_split, test_split = tcfg.eval_split, tcfg.test_split
@@ -323,7 +325,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         }
 
     def evaluate(split: str) -> tuple[list[dict], EvalResult | None]:
-        predictions = predict_split(net, task, split, cfg, device, tcfg.progress)
+        predictions = predict_split(net, task, split, ectx)
         return predictions, task.evaluate(split, predictions)
 
     def validate() -> tuple[list[dict], EvalResult | None]:
@@ -333,7 +335,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             return predictions, result
         logger.log({f"{eval_split}/{k}": v for k, v in result.metrics.items()}, step)
         tqdm.write(f"step {step}: {eval_split} {result.main_metric} = {result.main_value:.2f}")
-        if result.main_value > best_value:
+        if best_step is None or result.better_than(best_value):
             best_value, best_step = result.main_value, step
             record.save_checkpoint("best", net)
         return predictions, result
@@ -372,12 +374,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     progress = tqdm(total=tcfg.max_steps, initial=step, desc=f"{cfg.model.name}/{task.name}", disable=not tcfg.progress)
     while step < stop_at:
         loss_sum = 0.0
+        terms: dict[str, float] = {}
+        net.step = step
         for _ in range(tcfg.grad_accum_steps):
             batch = to_device(next(stream), device)
             if flops_per_sample is None:
                 flops_per_sample = count_flops_per_sample(net, batch) or 0
             with autocast_context(device, tcfg.precision):
-                loss = task.loss(net(batch), batch) / tcfg.grad_accum_steps
+                outputs = net(batch)
+                loss = task.loss(outputs, batch) / tcfg.grad_accum_steps
+            for name, value in task.loss_terms(outputs).items():
+                terms[name] = terms.get(name, 0.0) + value / tcfg.grad_accum_steps
             if not torch.isfinite(loss):
                 raise VlbenchError(f"step {step}: the training loss is {loss.item()} (not finite); lower trainer.lr")
             if loss.requires_grad:
@@ -393,7 +400,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         step += 1
         progress.update(1)
         if step % tcfg.log_every == 0 or step == stop_at:
-            entry = {"train/loss": loss_sum, "train/epoch": epoch}
+            entry = {"train/loss": loss_sum, "train/epoch": epoch, **{f"train/{k}": v for k, v in terms.items()}}
             if optimizer:
                 entry["train/lr"] = scheduler.get_last_lr()[0]
             if grad_norm is not None:

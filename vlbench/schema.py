@@ -61,6 +61,8 @@ class DatasetFiles:
     image_template: str = MISSING
     splits: dict[str, str] = field(default_factory=dict)  # train / val / test → the dataset's own split names
     subdir: str = ""  # the format's folder under data.root ("": root itself)
+    region_features: str | None = None  # region-feature store for region models (relative to the format's folder)
+    max_regions: int = 36  # regions per image fed to region models (the BUTD/LXMERT standard is 36)
 
 
 @dataclass
@@ -86,6 +88,15 @@ class DataConfig:
     min_objects: int = 2
     max_objects: int = 5
     noisy_annotator_rate: float = 0.12
+    # per-format sizes (each format's folder is generated only when a task reads it)
+    gqa_images: dict[str, int] = field(default_factory=lambda: {"train": 3000, "val": 300, "test": 600})
+    gqa_questions_per_image: int = 5  # a primary question and the questions it entails, on the same image
+    nlvr2_sentences: dict[str, int] = field(default_factory=lambda: {"train": 600, "val": 100, "test": 150})
+    nlvr2_pairs_per_sentence: int = 4  # image pairs per sentence (NLVR2's consistency groups)
+    karpathy_images: dict[str, int] = field(
+        default_factory=lambda: {"train": 2000, "restval": 100, "val": 200, "test": 200}
+    )
+    captions_per_image: int = 5
 
 
 @dataclass
@@ -101,6 +112,41 @@ class VQATaskConfig(TaskConfig):
     num_answers: int = 3129  # top-K training answers; 3,129 is the bottom-up-attention standard on real data
     head_hidden_multiplier: int = 2  # the shared 2-layer MLP's hidden width = multiplier × model hidden size
     head_dropout: float = 0.1
+
+
+@dataclass
+class GQATaskConfig(TaskConfig):
+    name: str = "gqa"
+    main_metric: str = "accuracy"
+    num_answers: int = 1842  # top-K training answers (LXMERT's GQA vocabulary has 1,842)
+    head_hidden_multiplier: int = 2
+    head_dropout: float = 0.1
+
+
+@dataclass
+class NLVR2TaskConfig(TaskConfig):
+    name: str = "nlvr2"
+    main_metric: str = "accuracy"
+    head_dropout: float = 0.1
+
+
+@dataclass
+class RetrievalTaskConfig(TaskConfig):
+    name: str = "retrieval"
+    main_metric: str = "mean_recall"
+    scoring: str = "auto"  # auto | itc | itm | itc_itm (auto: itc_itm when the model has ITC, else itm)
+    rerank_k: int = 16  # itc_itm: ITM rescoring of each query's k best candidates by ITC (ALBEF uses 128 / 256)
+    include_restval: bool = True  # Karpathy's restval images join training (the COCO standard)
+    head_dropout: float = 0.1
+
+
+@dataclass
+class PretrainTaskConfig(TaskConfig):
+    name: str = "pretrain"
+    main_metric: str = "loss"  # validation loss of the summed objectives (lower is better)
+    include_restval: bool = True
+    loss_weights: dict[str, float] = field(default_factory=dict)  # per-objective weight; missing objectives 1.0
+    zero_shot_retrieval: bool = True  # evaluate ITC retrieval on the val split when the model has embeddings
 
 
 @dataclass
@@ -173,7 +219,13 @@ class Config:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"albef": AlbefModelConfig, "textonly": TextOnlyModelConfig, "majority": MajorityModelConfig},
-    "task": {"vqa": VQATaskConfig},
+    "task": {
+        "vqa": VQATaskConfig,
+        "gqa": GQATaskConfig,
+        "nlvr2": NLVR2TaskConfig,
+        "retrieval": RetrievalTaskConfig,
+        "pretrain": PretrainTaskConfig,
+    },
     "data": {"data": DataConfig},
     "scale": {"scale": ScaleConfig},
     "trainer": {"trainer": TrainerConfig},

@@ -1,4 +1,5 @@
-"""The synthetic world: determinism, official VQA v2 shapes, balanced answers, a tokenizer that covers the corpus."""
+"""The synthetic world's VQA v2 folder: determinism, official shapes, balanced answers, a tokenizer that covers the
+corpus, lazy atomic generation."""
 
 import hashlib
 import json
@@ -20,15 +21,29 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def test_same_seed_gives_identical_files(tmp_path):
-    write_world(SMALL, tmp_path / "a")
-    write_world(SMALL, tmp_path / "b")
+    write_world(SMALL, "vqav2", tmp_path / "a")
+    write_world(SMALL, "vqav2", tmp_path / "b")
     a, b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
     assert len(a) > 50 and a == b
 
 
+# sha256 of files written by generator v1 (VQA files at the world root): the VQA stream must never change, so
+# checkpoints and reported numbers on the synthetic VQA world stay comparable across generator versions
+VQA_V1_DIGESTS = {
+    "v2_mscoco_train2014_annotations.json": "3ce58f526a8513b9b99a319491365ccd3b830133aee053138b32e507cf0af469",
+    "v2_OpenEnded_mscoco_train2014_questions.json": "8701335db65c97dc6d0dd788f283ba53d2f1129fbb7b891b64de2395b6a4dba1",
+    "train_sceneGraphs.json": "a7bcbd937bd08a335b300d00f61e0ba749b5929be73421779dbc7079709e471c",
+}
+
+
+def test_vqa_files_are_unchanged_since_v1(tmp_path):
+    write_world(SMALL, "vqav2", tmp_path)
+    assert {name: tree_digest(tmp_path)[name] for name in VQA_V1_DIGESTS} == VQA_V1_DIGESTS
+
+
 def test_different_seed_gives_different_world(tmp_path):
-    write_world(SMALL, tmp_path / "a")
-    write_world(SyntheticConfig(seed=1, images=SMALL.images, questions_per_image=3), tmp_path / "b")
+    write_world(SMALL, "vqav2", tmp_path / "a")
+    write_world(SyntheticConfig(seed=1, images=SMALL.images, questions_per_image=3), "vqav2", tmp_path / "b")
     a, b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
     assert a.keys() == b.keys()
     assert a["v2_mscoco_train2014_annotations.json"] != b["v2_mscoco_train2014_annotations.json"]
@@ -56,7 +71,7 @@ def test_official_vqa_v2_shapes(small_world):
 def test_answers_are_balanced_given_the_question_text(tmp_path):
     """A question-only model must stay near the prior: yes/no families are ~50/50, colours ~uniform."""
     cfg = SyntheticConfig(images={"train": 1500, "val": 0, "test": 0}, questions_per_image=5)
-    write_world(cfg, tmp_path)
+    write_world(cfg, "vqav2", tmp_path)
     annotations = json.loads((tmp_path / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]
     by_family: dict[str, Counter] = {}
     for a in annotations:
@@ -83,8 +98,10 @@ def test_tokenizer_covers_every_question(small_world):
 
 
 def test_world_is_generated_once_and_atomically(tmp_path):
-    first = ensure_world(SMALL, tmp_path)
+    first = ensure_world(SMALL, "vqav2", tmp_path)
+    assert first.name == "vqav2" and first.parent.name.startswith("world-")
     mtime = (first / "world.json").stat().st_mtime
-    assert ensure_world(SMALL, tmp_path) == first
+    assert ensure_world(SMALL, "vqav2", tmp_path) == first
     assert (first / "world.json").stat().st_mtime == mtime
-    assert not list((tmp_path / "synthetic").glob(".partial-*"))
+    assert not list((tmp_path / "synthetic").rglob(".partial-*"))
+    assert [p.name for p in first.parent.iterdir()] == ["vqav2"]  # no other format generated

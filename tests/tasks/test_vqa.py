@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from vlbench.errors import VlbenchError
-from vlbench.tasks.vqa import AnswerVocab, read_vqa_split
+from vlbench.tasks.vqa import VQAAnswerVocab, read_vqa_split
 
 TEMPLATE = "images/{subtype}/COCO_{subtype}_{image_id:012d}.jpg"
 
@@ -74,13 +74,13 @@ def test_reads_official_files(tmp_path):
 def test_vocab_and_soft_targets(tmp_path):
     write_fixture(tmp_path)
     examples, _ = read_vqa_split(tmp_path, "val2014", TEMPLATE)
-    vocab = AnswerVocab.from_examples(examples, top_k=10)
+    vocab = VQAAnswerVocab.from_examples(examples, top_k=10)
     assert vocab.answers == ["3", "red"]  # equal counts: alphabetical
     # "2"/"two" normalise to the same answer (4 annotators → 1.0); "3" has 6 → 1.0
     assert vocab.soft_targets(examples[1].answers) == {vocab.index["3"]: 1.0}
     targets = vocab.soft_targets(examples[0].answers)
     assert targets == {vocab.index["red"]: 1.0}  # "Red" normalises to "red"; "dark red" is not in the vocabulary
-    assert AnswerVocab.from_examples(examples, top_k=1).answers == ["3"]
+    assert VQAAnswerVocab.from_examples(examples, top_k=1).answers == ["3"]
 
 
 def test_unannotated_split_reads_questions_only(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -11,16 +12,9 @@ from vlbench.errors import VlbenchError
 
 
 def synthetic_config(data_cfg: DictConfig) -> SyntheticConfig:
-    return SyntheticConfig(
-        seed=data_cfg.seed,
-        image_size=data_cfg.image_size,
-        grid_size=data_cfg.grid_size,
-        min_objects=data_cfg.min_objects,
-        max_objects=data_cfg.max_objects,
-        images=dict(data_cfg.images),
-        questions_per_image=data_cfg.questions_per_image,
-        noisy_annotator_rate=data_cfg.noisy_annotator_rate,
-    )
+    """The world's parameters: each ``SyntheticConfig`` field is the ``data.<field>`` of the same name."""
+    values = {f.name: data_cfg[f.name] for f in dataclasses.fields(SyntheticConfig)}
+    return SyntheticConfig(**{k: dict(v) if isinstance(v, DictConfig) else v for k, v in values.items()})
 
 
 def resolve_data_root(data_cfg: DictConfig, data_format: str = "vqav2") -> Path:
@@ -29,7 +23,7 @@ def resolve_data_root(data_cfg: DictConfig, data_format: str = "vqav2") -> Path:
         if data_cfg.name != "synthetic":
             raise VlbenchError(f"data.root: required for data={data_cfg.name} (a directory with the official files)")
         cache = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else None
-        return ensure_world(synthetic_config(data_cfg), cache)
+        return ensure_world(synthetic_config(data_cfg), data_format, cache)
     root = Path(data_cfg.root).expanduser()
     subdir = data_cfg.datasets[data_format].subdir if data_format in data_cfg.datasets else ""
     root = root / subdir if subdir else root

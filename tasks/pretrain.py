@@ -1,0 +1,151 @@
+"""Pre-training: the model's own objectives on the caption corpus (Karpathy-format captions), each logged.
+
+Protocol (recorded in every run): examples are (image, caption) pairs of Karpathy train (+ restval); the loss is the
+weighted sum of the model's ``pretrain_losses`` (weights ``task.loss_weights``, 1.0 by default; ALBEF: ITC + ITM +
+MLM); validation reports each objective's mean loss on the val pairs — computed in eval mode (no momentum or queue
+updates) under a fixed seed, so MLM masks and ITM negatives are the same at every evaluation and the training RNG is
+untouched — and, when the model has unimodal embeddings, zero-shot ITC retrieval recalls on the val images. The
+checkpoint is chosen by the summed validation loss (lower is better).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlbench.errors import VlbenchError
+from vlbench.models.base import Batch
+from vlbench.registry import TASKS
+from vlbench.tasks.base import EvalContext, EvalResult, Task, to_device
+from vlbench.tasks.datasets import ExampleDataset, build_visual_reader
+from vlbench.tasks.retrieval import (
+    CaptionedImage,
+    EvalSet,
+    caption_pairs,
+    encode_eval_set,
+    read_karpathy_split,
+    score_retrieval,
+)
+from vlbench.tasks.retrieval_eval import retrieval_recalls
+
+EVAL_SEED = 1234  # fixed masks/negatives for validation: comparable across evaluations and runs
+
+
+class NoHead(nn.Module):
+    """Pre-training trains the model's own objectives: there is no task head."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("the pretrain task has no head")
+
+
+@TASKS.register("pretrain")
+class PretrainTask(Task):
+    head_kind = "pretrain"
+    data_format = "karpathy"
+
+    def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
+        super().__init__(cfg, data_cfg, data_root, tokenizer, visual_input)
+        self.visual = build_visual_reader(data_cfg, self.files, data_root, visual_input)
+        self._images: dict[str, list[CaptionedImage]] = {}
+        self._datasets: dict[str, ExampleDataset] = {}
+        self._results: dict[str, dict[str, float]] = {}
+        self.images("train")
+
+    def images(self, split: str) -> list[CaptionedImage]:
+        if split not in self._images:
+            files = self.files
+            if split not in files.splits:
+                raise VlbenchError(
+                    f"data.datasets.{self.data_format}.splits: no split named {split!r} (have {list(files.splits)})"
+                )
+            names = [files.splits[split]] + (["restval"] if split == "train" and self.cfg.include_restval else [])
+            images = read_karpathy_split(self.data_root, names, files.image_template)
+            if self.data_cfg.limit_examples > 0:
+                images = images[: self.data_cfg.limit_examples]
+            self._images[split] = images
+        return self._images[split]
+
+    @property
+    def num_outputs(self) -> int:
+        return 0
+
+    def dataset(self, split: str) -> ExampleDataset:
+        if split not in self._datasets:
+            self._datasets[split] = caption_pairs(
+                self.images(split), self.tokenizer, self.data_cfg.max_text_len, self.visual
+            )[0]
+        return self._datasets[split]
+
+    def build_shared_head(self, hidden_size: int) -> nn.Module:
+        return NoHead()
+
+    def forward(self, model: nn.Module, head: nn.Module, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        try:
+            return model.pretrain_losses(batch, step)
+        except NotImplementedError as e:
+            raise VlbenchError(f"task=pretrain: {e}") from e
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        weights = self.cfg.loss_weights
+        return sum(float(weights.get(name, 1.0)) * value for name, value in outputs.items())
+
+    def loss_terms(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {name: float(value.detach()) for name, value in outputs.items()}
+
+    @torch.no_grad()
+    def predict_split(self, net: nn.Module, split: str, ctx: EvalContext) -> list[dict]:
+        sums: dict[str, float] = {}
+        batches = 0
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(EVAL_SEED)
+            for batch in tqdm(
+                ctx.loader(self.dataset(split)), desc=f"eval {split}", leave=False, disable=not ctx.progress
+            ):
+                batch = to_device(batch, ctx.device)
+                if batch["input_ids"].shape[0] < 2:  # ITM needs a negative in the batch
+                    continue
+                with ctx.autocast():
+                    outputs = net(batch)
+                for name, value in outputs.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                batches += 1
+        if batches == 0:
+            raise VlbenchError(f"task=pretrain: split {split!r} has fewer than 2 captions to evaluate on")
+        metrics = {f"loss/{name}": total / batches for name, total in sums.items()}
+        weights = self.cfg.loss_weights
+        metrics["loss"] = sum(float(weights.get(name, 1.0)) * total / batches for name, total in sums.items())
+        if self.cfg.zero_shot_retrieval:
+            metrics.update(self._zero_shot(net.model, split, ctx))
+        self._results[split] = metrics
+        return [{"split": split, **metrics}]
+
+    def _zero_shot(self, model: nn.Module, split: str, ctx: EvalContext) -> dict[str, float]:
+        images = self.images(split)
+        eval_set = EvalSet(
+            images, [c for im in images for c in im.captions], [i for i, im in enumerate(images) for _ in im.captions]
+        )
+        visual_batch, text_batch = encode_eval_set(eval_set, self.tokenizer, self.data_cfg.max_text_len, self.visual)
+        probe = to_device({k: v[:1] for k, v in visual_batch.items()}, ctx.device)
+        if not probe or model.embed_image(probe) is None:
+            return {}
+        sims, _ = score_retrieval(model, None, visual_batch, text_batch, ctx, "itc", 0, len(images))
+        return {f"zero_shot/{k}": v for k, v in retrieval_recalls(sims, eval_set.txt2img).items()}
+
+    def evaluate(self, split: str, predictions: list[dict]) -> EvalResult | None:
+        return EvalResult(main_metric="loss", metrics=self._results[split], higher_is_better=False)
+
+    def write_predictions(self, predictions: list[dict], path_stem: Path) -> Path:
+        """Pre-training has no official prediction format: the split's per-objective scores, as JSON."""
+        path = path_stem.with_suffix(".json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(predictions, f, indent=1)
+        return path
+
+    def describe(self) -> dict:
+        return {"loss_weights": dict(self.cfg.loss_weights), "corpus": "Karpathy-format captions (train + restval)"}

@@ -1,0 +1,102 @@
+"""Every task end to end through the shared runner on a small synthetic world: record, official prediction files."""
+
+import csv
+import json
+
+import pytest
+
+from vlbench.errors import VlbenchError
+from vlbench.runner import run
+
+SMALL_FORMATS = [
+    "data.gqa_images={train:40,val:10,test:10}",
+    "data.gqa_questions_per_image=3",
+    "data.nlvr2_sentences={train:12,val:4,test:4}",
+    "data.karpathy_images={train:24,restval:4,val:6,test:6}",
+]
+
+
+def _metrics_log(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", ["albef", "textonly", "majority"])
+def test_gqa(make_cfg, tmp_path, model):
+    result = run(make_cfg(f"model={model}", "task=gqa", *SMALL_FORMATS), tmp_path / "run")
+    assert result["task"] == "gqa" and 0 <= result["metrics"]["accuracy"] <= 100
+    assert {"binary", "open"} <= set(result["metrics"])
+    assert {"structural", "semantic"} <= set(result["breakdown"])
+    predictions = json.loads((tmp_path / "run" / "predictions_test.json").read_text())
+    assert predictions and set(predictions[0]) == {"questionId", "prediction"}
+
+
+@pytest.mark.parametrize("model", ["albef", "textonly", "majority"])
+def test_nlvr2(make_cfg, tmp_path, model):
+    result = run(make_cfg(f"model={model}", "task=nlvr2", *SMALL_FORMATS), tmp_path / "run")
+    assert result["task"] == "nlvr2" and {"accuracy", "consistency"} <= set(result["metrics"])
+    assert result["metrics"]["consistency"] <= result["metrics"]["accuracy"]
+    rows = list(csv.reader((tmp_path / "run" / "predictions_test.csv").read_text().splitlines()))
+    assert rows and all(len(r) == 2 and r[1] in ("True", "False") for r in rows)
+
+
+@pytest.mark.parametrize("head", ["shared", "native"])
+def test_retrieval(make_cfg, tmp_path, head):
+    result = run(make_cfg("model=albef", "task=retrieval", f"head={head}", *SMALL_FORMATS), tmp_path / "run")
+    metrics = result["metrics"]
+    assert {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "mean_recall", "rsum"} <= set(metrics)
+    assert metrics["rsum"] == pytest.approx(6 * metrics["mean_recall"])
+    logged = set().union(*(_metrics_log(tmp_path / "run")))
+    assert "train/itm" in logged and (head == "shared" or "train/itc" in logged)
+
+
+def test_retrieval_itm_scoring_for_a_model_without_embeddings(make_cfg, tmp_path):
+    result = run(make_cfg("model=textonly", "task=retrieval", *SMALL_FORMATS), tmp_path / "run")
+    assert 0 <= result["metrics"]["mean_recall"] <= 100
+    with pytest.raises(VlbenchError, match="task.scoring=itc: the model has no unimodal embeddings"):
+        run(make_cfg("model=textonly", "task=retrieval", "task.scoring=itc", *SMALL_FORMATS), tmp_path / "run2")
+
+
+def test_pretrain_logs_each_objective_and_selects_by_loss(make_cfg, tmp_path):
+    result = run(make_cfg("model=albef", "task=pretrain", "trainer.eval_every=2", *SMALL_FORMATS), tmp_path / "run")
+    assert result["main_metric"] == "loss"
+    assert {"loss", "loss/itc", "loss/itm", "loss/mlm", "zero_shot/mean_recall"} <= set(result["metrics"])
+    logged = set().union(*(_metrics_log(tmp_path / "run")))
+    assert {"train/itc", "train/itm", "train/mlm"} <= logged
+    assert result["metrics"]["loss"] == pytest.approx(
+        result["metrics"]["loss/itc"] + result["metrics"]["loss/itm"] + result["metrics"]["loss/mlm"]
+    )
+
+
+def test_pretrain_evaluation_is_repeatable_and_leaves_training_state_alone(make_cfg, tmp_path):
+    import torch
+
+    from vlbench.data.sources import resolve_data_root
+    from vlbench.data.text import load_tokenizer
+    from vlbench.models.albef import ALBEF
+    from vlbench.models.base import ModelContext
+    from vlbench.runner import TaskModel, predict_split
+    from vlbench.tasks.base import EvalContext
+    from vlbench.tasks.pretrain import PretrainTask
+
+    cfg = make_cfg("model=albef", "task=pretrain", *SMALL_FORMATS)
+    root = resolve_data_root(cfg.data, "karpathy")
+    tok = load_tokenizer(cfg.data.tokenizer, root)
+    task = PretrainTask(cfg.task, cfg.data, root, tok, "pixels")
+    ctx = ModelContext(len(tok), tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, 64)
+    model = ALBEF(cfg.model, ctx)
+    net = TaskModel(model, task.build_shared_head(model.hidden_size), task)
+    queue, momentum = model.image_queue.clone(), [p.clone() for p in model.momentum_model.parameters()]
+    rng = torch.get_rng_state()
+    first = predict_split(net, task, "val", EvalContext(torch.device("cpu"), batch_size=8))
+    second = predict_split(net, task, "val", EvalContext(torch.device("cpu"), batch_size=8))
+    assert first == second
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(model.image_queue, queue)
+    assert all(torch.equal(a, b) for a, b in zip(model.momentum_model.parameters(), momentum, strict=True))
+
+
+def test_a_task_on_data_without_its_format_fails_clearly(make_cfg, tmp_path):
+    root = tmp_path / "vqa-only"
+    root.mkdir()
+    with pytest.raises(VlbenchError, match=r"data=vqav2: has no gqa files"):
+        run(make_cfg("task=gqa", "data=vqav2", f"data.root={root}", "data.tokenizer=auto"), tmp_path / "run")
