@@ -85,6 +85,7 @@ class Task:
     data_format: str = ""  # the dataset format the task reads: a key of ``data.datasets`` (vqav2, gqa, nlvr2, karpathy)
 
     def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
+        self.visual = None  # a tasks.datasets.VisualReader, set by each task for the model's visual kind
         self.cfg = cfg
         self.data_cfg = data_cfg
         self.data_root = data_root

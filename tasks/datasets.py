@@ -41,6 +41,17 @@ class VisualReader:
         self.region_store = region_store
         self.max_regions = max_regions
 
+    def require_feature_dim(self, expected: int | None, what: str) -> None:
+        """Region models: the store's feature size must be the model's (checked before any training)."""
+        if self.kind != "regions":
+            return
+        from vlbench.data.regions import require_feature_dim
+        from vlbench.errors import VlbenchError
+
+        if expected is None:
+            raise VlbenchError(f"{what}: not set; a region model must declare its input feature size")
+        require_feature_dim(self.region_store, expected, what)
+
     def load(self, ref: ImageRef) -> Any:
         if self.kind == "pixels":
             return self.image_loader(ref.path)
@@ -59,7 +70,7 @@ class VisualReader:
         return {}
 
 
-def build_visual_reader(data_cfg, files, data_root: Path, kind: str) -> VisualReader:
+def build_visual_reader(data_cfg, data_format: str, data_root: Path, kind: str) -> VisualReader:
     """The reader for a model's visual kind: an image loader, or the format's region-feature store."""
     if kind == "pixels":
         loader = ImageLoader(
@@ -70,10 +81,11 @@ def build_visual_reader(data_cfg, files, data_root: Path, kind: str) -> VisualRe
         from vlbench.data.regions import RegionStore
         from vlbench.errors import VlbenchError
 
+        files = data_cfg.datasets[data_format]
         if not files.get("region_features"):
             raise VlbenchError(
-                f"data.datasets.*.region_features: not set for data={data_cfg.name}; region models need a feature "
-                "store (vlbench-data extract-features or convert-tsv)"
+                f"data.datasets.{data_format}.region_features: not set for data={data_cfg.name}; region models need "
+                "a feature store (make one with vlbench-data extract-features or convert-tsv)"
             )
         store_path = Path(files.region_features).expanduser()
         store_path = store_path if store_path.is_absolute() else data_root / store_path

@@ -75,7 +75,7 @@ class GQATask(Task):
         )
         detailed = sorted({self._detailed_type(q) for q in train.questions.values()})
         self.group_index = {t: i + 1 for i, t in enumerate(detailed)}  # prior groups for the blind baselines
-        self.visual = build_visual_reader(data_cfg, self.files, data_root, visual_input)
+        self.visual = build_visual_reader(data_cfg, self.data_format, data_root, visual_input)
         self._datasets: dict[str, ExampleDataset] = {}
 
     @staticmethod

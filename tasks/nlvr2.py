@@ -86,7 +86,7 @@ class NLVR2Task(Task):
         super().__init__(cfg, data_cfg, data_root, tokenizer, visual_input)
         self._splits: dict[str, list[NLVR2Example]] = {}
         self._read("train")
-        self.visual = build_visual_reader(data_cfg, self.files, data_root, visual_input)
+        self.visual = build_visual_reader(data_cfg, self.data_format, data_root, visual_input)
         self._datasets: dict[str, ExampleDataset] = {}
 
     @property

@@ -50,7 +50,7 @@ class PretrainTask(Task):
 
     def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
         super().__init__(cfg, data_cfg, data_root, tokenizer, visual_input)
-        self.visual = build_visual_reader(data_cfg, self.files, data_root, visual_input)
+        self.visual = build_visual_reader(data_cfg, self.data_format, data_root, visual_input)
         self._images: dict[str, list[CaptionedImage]] = {}
         self._datasets: dict[str, ExampleDataset] = {}
         self._results: dict[str, dict[str, float]] = {}

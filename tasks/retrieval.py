@@ -213,7 +213,7 @@ class RetrievalTask(Task):
         super().__init__(cfg, data_cfg, data_root, tokenizer, visual_input)
         if cfg.scoring not in ("auto", "itc", "itm", "itc_itm"):
             raise VlbenchError(f"task.scoring={cfg.scoring!r}: expected auto, itc, itm or itc_itm")
-        self.visual = build_visual_reader(data_cfg, self.files, data_root, visual_input)
+        self.visual = build_visual_reader(data_cfg, self.data_format, data_root, visual_input)
         self._images: dict[str, list[CaptionedImage]] = {}
         self._datasets: dict[str, ExampleDataset] = {}
         self._scores: dict[str, tuple[torch.Tensor, torch.Tensor, list[int], str]] = {}

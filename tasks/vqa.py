@@ -129,7 +129,7 @@ class VQATask(Task):
         self.vocab = VQAAnswerVocab.from_examples(train_examples, cfg.num_answers)
         types = sorted({ex.question_type for ex in train_examples})
         self.group_index = {t: i + 1 for i, t in enumerate(types)}  # 0: a type unseen in training
-        self.visual = build_visual_reader(data_cfg, self.files, data_root, visual_input)
+        self.visual = build_visual_reader(data_cfg, self.data_format, data_root, visual_input)
         self._datasets: dict[str, ExampleDataset] = {}
 
     @property

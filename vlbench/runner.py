@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -246,6 +246,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     data_root = resolve_data_root(cfg.data, task_cls.data_format)
     tokenizer = load_tokenizer(cfg.data.tokenizer, data_root)
     task: Task = task_cls(cfg.task, cfg.data, data_root, tokenizer, model_cls.visual_input)
+    if model_cls.visual_input == "regions" and task.visual is not None:
+        expected = OmegaConf.select(cfg, "model.visual_feature_dim", default=None)
+        task.visual.require_feature_dim(expected, "model.visual_feature_dim")
     ctx = ModelContext(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
