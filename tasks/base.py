@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -52,6 +53,14 @@ class EvalContext:
             num_workers=self.num_workers,
             generator=torch.Generator(),  # evaluating must not consume the training RNG: eval_every changes no result
         )
+
+
+def write_json_predictions(records: list[dict], path_stem: Path) -> Path:
+    """``<stem>.json`` holding ``records`` (already in the task's official order and shape)."""
+    path = path_stem.with_suffix(".json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f)
+    return path
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ binary/open, per structural and semantic type, per length and reasoning steps, c
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch
 from vlbench.registry import TASKS
 from vlbench.tasks.answers import AnswerVocab, SharedAnswerHead
-from vlbench.tasks.base import EvalResult, Task
+from vlbench.tasks.base import EvalResult, Task, write_json_predictions
 from vlbench.tasks.datasets import ExampleDataset, ImageRef, build_visual_reader
 from vlbench.tasks.gqa_eval import evaluate_gqa
 
@@ -148,10 +147,7 @@ class GQATask(Task):
 
     def write_predictions(self, predictions: list[dict], path_stem: Path) -> Path:
         """The official format: a JSON array of {"questionId", "prediction"}."""
-        path = path_stem.with_suffix(".json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(sorted(predictions, key=lambda p: p["questionId"]), f)
-        return path
+        return write_json_predictions(sorted(predictions, key=lambda p: p["questionId"]), path_stem)
 
     def describe(self) -> dict:
         return {

@@ -10,7 +10,6 @@ checkpoint is chosen by the summed validation loss (lower is better).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,16 +20,8 @@ from tqdm.auto import tqdm
 from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch
 from vlbench.registry import TASKS
-from vlbench.tasks.base import EvalContext, EvalResult, Task, to_device
-from vlbench.tasks.datasets import ExampleDataset, build_visual_reader
-from vlbench.tasks.retrieval import (
-    CaptionedImage,
-    EvalSet,
-    caption_pairs,
-    encode_eval_set,
-    read_karpathy_split,
-    score_retrieval,
-)
+from vlbench.tasks.base import EvalContext, EvalResult, to_device, write_json_predictions
+from vlbench.tasks.retrieval import CaptionCorpusTask, score_retrieval
 from vlbench.tasks.retrieval_eval import retrieval_recalls
 
 EVAL_SEED = 1234  # fixed masks/negatives for validation: comparable across evaluations and runs
@@ -44,42 +35,16 @@ class NoHead(nn.Module):
 
 
 @TASKS.register("pretrain")
-class PretrainTask(Task):
+class PretrainTask(CaptionCorpusTask):
     head_kind = "pretrain"
-    data_format = "karpathy"
 
     def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
         super().__init__(cfg, data_cfg, data_root, tokenizer, visual_input)
-        self.visual = build_visual_reader(data_cfg, self.data_format, data_root, visual_input)
-        self._images: dict[str, list[CaptionedImage]] = {}
-        self._datasets: dict[str, ExampleDataset] = {}
         self._results: dict[str, dict[str, float]] = {}
-        self.images("train")
-
-    def images(self, split: str) -> list[CaptionedImage]:
-        if split not in self._images:
-            files = self.files
-            if split not in files.splits:
-                raise VlbenchError(
-                    f"data.datasets.{self.data_format}.splits: no split named {split!r} (have {list(files.splits)})"
-                )
-            names = [files.splits[split]] + (["restval"] if split == "train" and self.cfg.include_restval else [])
-            images = read_karpathy_split(self.data_root, names, files.image_template)
-            if self.data_cfg.limit_examples > 0:
-                images = images[: self.data_cfg.limit_examples]
-            self._images[split] = images
-        return self._images[split]
 
     @property
     def num_outputs(self) -> int:
         return 0
-
-    def dataset(self, split: str) -> ExampleDataset:
-        if split not in self._datasets:
-            self._datasets[split] = caption_pairs(
-                self.images(split), self.tokenizer, self.data_cfg.max_text_len, self.visual
-            )[0]
-        return self._datasets[split]
 
     def build_shared_head(self, hidden_size: int) -> nn.Module:
         return NoHead()
@@ -93,9 +58,6 @@ class PretrainTask(Task):
     def loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         weights = self.cfg.loss_weights
         return sum(float(weights.get(name, 1.0)) * value for name, value in outputs.items())
-
-    def loss_terms(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {name: float(value.detach()) for name, value in outputs.items()}
 
     @torch.no_grad()
     def predict_split(self, net: nn.Module, split: str, ctx: EvalContext) -> list[dict]:
@@ -126,15 +88,11 @@ class PretrainTask(Task):
         return [{"split": split, **metrics}]
 
     def _zero_shot(self, model: nn.Module, split: str, ctx: EvalContext) -> dict[str, float]:
-        images = self.images(split)
-        eval_set = EvalSet(
-            images, [c for im in images for c in im.captions], [i for i, im in enumerate(images) for _ in im.captions]
-        )
-        visual_batch, text_batch = encode_eval_set(eval_set, self.tokenizer, self.data_cfg.max_text_len, self.visual)
+        eval_set, visual_batch, text_batch = self.eval_inputs(split)
         probe = to_device({k: v[:1] for k, v in visual_batch.items()}, ctx.device)
         if not probe or model.embed_image(probe) is None:
             return {}
-        sims, _ = score_retrieval(model, None, visual_batch, text_batch, ctx, "itc", 0, len(images))
+        sims, _ = score_retrieval(model, None, visual_batch, text_batch, ctx, "itc", 0, len(eval_set.images))
         return {f"zero_shot/{k}": v for k, v in retrieval_recalls(sims, eval_set.txt2img).items()}
 
     def evaluate(self, split: str, predictions: list[dict]) -> EvalResult | None:
@@ -142,10 +100,7 @@ class PretrainTask(Task):
 
     def write_predictions(self, predictions: list[dict], path_stem: Path) -> Path:
         """Pre-training has no official prediction format: the split's per-objective scores, as JSON."""
-        path = path_stem.with_suffix(".json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(predictions, f, indent=1)
-        return path
+        return write_json_predictions(predictions, path_stem)
 
     def describe(self) -> dict:
         return {"loss_weights": dict(self.cfg.loss_weights), "corpus": "Karpathy-format captions (train + restval)"}

@@ -14,7 +14,6 @@ Protocol (recorded in every run):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch, ModelObjectives, VisionLanguageModel
 from vlbench.models.layers import MLPClassifier
 from vlbench.registry import TASKS
-from vlbench.tasks.base import EvalContext, EvalResult, Task, pad_sequences, to_device
+from vlbench.tasks.base import EvalContext, EvalResult, Task, pad_sequences, to_device, write_json_predictions
 from vlbench.tasks.datasets import VISUAL_KEYS, ExampleDataset, ImageRef, VisualReader, build_visual_reader
 from vlbench.tasks.retrieval_eval import itm_rerank, retrieval_recalls
 
@@ -176,22 +175,17 @@ def score_retrieval(
             return match_fn(pairs).float().cpu()
 
     if scoring in ("itc", "itc_itm"):
-        image_emb, text_emb = [], []
-        for start in range(0, n_images, ctx.batch_size):
-            with ctx.autocast():
-                image_emb.append(
-                    model.embed_image(rows(visual_batch, torch.arange(start, min(start + ctx.batch_size, n_images))))
-                    .float()
-                    .cpu()
-                )
-        for start in range(0, n_texts, ctx.batch_size):
-            with ctx.autocast():
-                text_emb.append(
-                    model.embed_text(rows(text_batch, torch.arange(start, min(start + ctx.batch_size, n_texts))))
-                    .float()
-                    .cpu()
-                )
-        sims = torch.cat(image_emb) @ torch.cat(text_emb).t()
+
+        def embed_all(embed, batch: dict, count: int) -> torch.Tensor:
+            chunks = []
+            for start in range(0, count, ctx.batch_size):
+                with ctx.autocast():
+                    chunks.append(embed(rows(batch, torch.arange(start, min(start + ctx.batch_size, count)))).float())
+            return torch.cat(chunks).cpu()
+
+        image_emb = embed_all(model.embed_image, visual_batch, n_images)
+        text_emb = embed_all(model.embed_text, text_batch, n_texts)
+        sims = image_emb @ text_emb.t()
         if scoring == "itc":
             return sims, sims
         return itm_rerank(sims, itm_score, min(rerank_k, max(n_images, n_texts)), batch_size=ctx.batch_size)
@@ -204,40 +198,32 @@ def score_retrieval(
     return scores, scores
 
 
-@TASKS.register("retrieval")
-class RetrievalTask(Task):
-    head_kind = "image_text_matcher"
+class CaptionCorpusTask(Task):
+    """Tasks over Karpathy-format captions (retrieval, pre-training): images per split, one example per caption."""
+
     data_format = "karpathy"
 
     def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
         super().__init__(cfg, data_cfg, data_root, tokenizer, visual_input)
-        if cfg.scoring not in ("auto", "itc", "itm", "itc_itm"):
-            raise VlbenchError(f"task.scoring={cfg.scoring!r}: expected auto, itc, itm or itc_itm")
         self.visual = build_visual_reader(data_cfg, self.data_format, data_root, visual_input)
         self._images: dict[str, list[CaptionedImage]] = {}
         self._datasets: dict[str, ExampleDataset] = {}
-        self._scores: dict[str, tuple[torch.Tensor, torch.Tensor, list[int], str]] = {}
         self.images("train")
 
     def images(self, split: str) -> list[CaptionedImage]:
+        """The split's images (train adds Karpathy's restval when ``task.include_restval``)."""
         if split not in self._images:
             files = self.files
             if split not in files.splits:
                 raise VlbenchError(
                     f"data.datasets.{self.data_format}.splits: no split named {split!r} (have {list(files.splits)})"
                 )
-            names = [files.splits[split]]
-            if split == "train" and self.cfg.include_restval:
-                names.append("restval")
+            names = [files.splits[split]] + (["restval"] if split == "train" and self.cfg.include_restval else [])
             images = read_karpathy_split(self.data_root, names, files.image_template)
             if self.data_cfg.limit_examples > 0:
                 images = images[: self.data_cfg.limit_examples]
             self._images[split] = images
         return self._images[split]
-
-    @property
-    def num_outputs(self) -> int:
-        return 2
 
     def dataset(self, split: str) -> ExampleDataset:
         if split not in self._datasets:
@@ -245,6 +231,33 @@ class RetrievalTask(Task):
                 self.images(split), self.tokenizer, self.data_cfg.max_text_len, self.visual
             )[0]
         return self._datasets[split]
+
+    def eval_inputs(self, split: str) -> tuple[EvalSet, dict, dict]:
+        """The split as retrieval ranks it (unique images, every caption) with its collated inputs."""
+        images = self.images(split)
+        eval_set = EvalSet(
+            images, [c for im in images for c in im.captions], [i for i, im in enumerate(images) for _ in im.captions]
+        )
+        visual_batch, text_batch = encode_eval_set(eval_set, self.tokenizer, self.data_cfg.max_text_len, self.visual)
+        return eval_set, visual_batch, text_batch
+
+    def loss_terms(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {name: float(value.detach()) for name, value in outputs.items()}
+
+
+@TASKS.register("retrieval")
+class RetrievalTask(CaptionCorpusTask):
+    head_kind = "image_text_matcher"
+
+    def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
+        if cfg.scoring not in ("auto", "itc", "itm", "itc_itm"):
+            raise VlbenchError(f"task.scoring={cfg.scoring!r}: expected auto, itc, itm or itc_itm")
+        super().__init__(cfg, data_cfg, data_root, tokenizer, visual_input)
+        self._scores: dict[str, tuple[torch.Tensor, torch.Tensor, list[int], str]] = {}
+
+    @property
+    def num_outputs(self) -> int:
+        return 2
 
     def build_shared_head(self, hidden_size: int) -> nn.Module:
         return SharedMatchHead(hidden_size, self.cfg.head_dropout)
@@ -256,9 +269,6 @@ class RetrievalTask(Task):
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return sum(outputs.values())
-
-    def loss_terms(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {name: float(value.detach()) for name, value in outputs.items()}
 
     def _scoring_for(self, model: nn.Module, native: bool, visual_batch: dict) -> str:
         probe = {k: v[:1] for k, v in visual_batch.items()}
@@ -272,11 +282,8 @@ class RetrievalTask(Task):
 
     @torch.no_grad()
     def predict_split(self, net: nn.Module, split: str, ctx: EvalContext) -> list[dict]:
-        images = self.images(split)
-        eval_set = EvalSet(
-            images, [c for im in images for c in im.captions], [i for i, im in enumerate(images) for _ in im.captions]
-        )
-        visual_batch, text_batch = encode_eval_set(eval_set, self.tokenizer, self.data_cfg.max_text_len, self.visual)
+        eval_set, visual_batch, text_batch = self.eval_inputs(split)
+        images = eval_set.images
         model, head = net.model, net.head
         native = isinstance(head, ModelObjectives)
         if native:
@@ -311,10 +318,7 @@ class RetrievalTask(Task):
 
     def write_predictions(self, predictions: list[dict], path_stem: Path) -> Path:
         """Top-10 rankings: per image its caption indices (in split order), per caption its image ids."""
-        path = path_stem.with_suffix(".json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(predictions, f)
-        return path
+        return write_json_predictions(predictions, path_stem)
 
     def describe(self) -> dict:
         return {"scoring": self.cfg.scoring, "rerank_k": self.cfg.rerank_k, "include_restval": self.cfg.include_restval}

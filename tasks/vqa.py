@@ -9,7 +9,6 @@ convention); predictions are the arg-max answer; scores come from ``tasks/vqa_ev
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch
 from vlbench.registry import TASKS
 from vlbench.tasks.answers import AnswerVocab, SharedAnswerHead
-from vlbench.tasks.base import EvalResult, Task
+from vlbench.tasks.base import EvalResult, Task, write_json_predictions
 from vlbench.tasks.datasets import ExampleDataset, ImageRef, build_visual_reader
 from vlbench.tasks.vqa_eval import evaluate_vqa, leave_one_out_accuracy, normalize_answer
 
@@ -222,10 +221,7 @@ class VQATask(Task):
 
     def write_predictions(self, predictions: list[dict], path_stem: Path) -> Path:
         """The official results format: a JSON array of {"question_id", "answer"}."""
-        path = path_stem.with_suffix(".json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(sorted(predictions, key=lambda p: p["question_id"]), f)
-        return path
+        return write_json_predictions(sorted(predictions, key=lambda p: p["question_id"]), path_stem)
 
     def describe(self) -> dict:
         return {
