@@ -82,6 +82,14 @@ def build_visual_reader(data_cfg, data_format: str, data_root: Path, kind: str) 
         from vlbench.errors import VlbenchError
 
         files = data_cfg.datasets[data_format]
+        if not files.get("region_features") and data_cfg.root is None:  # the synthetic world: extracted on first use
+            from vlbench.data.sources import synthetic_region_store
+
+            return VisualReader(
+                "regions",
+                region_store=RegionStore(synthetic_region_store(data_cfg, data_root)),
+                max_regions=files.max_regions,
+            )
         if not files.get("region_features"):
             raise VlbenchError(
                 f"data.datasets.{data_format}.region_features: not set for data={data_cfg.name}; region models need "

@@ -87,9 +87,33 @@ def test_feature_size_mismatch_fails_before_training(make_cfg, tmp_path, world_s
     assert not (tmp_path / "run" / "result.json").exists()
 
 
-def test_a_region_model_without_a_store_is_told_how_to_make_one(make_cfg, tmp_path, region_model):
-    cfg = _as_region_model(make_cfg("model=textonly"))
-    with pytest.raises(
-        VlbenchError, match=r"data.datasets.vqav2.region_features: not set .* vlbench-data extract-features"
-    ):
+def test_the_synthetic_world_extracts_region_features_on_first_use(make_cfg, tmp_path, region_model):
+    from vlbench.data.regions import RegionStore
+    from vlbench.data.sources import resolve_data_root
+
+    cfg = _as_region_model(make_cfg("model=textonly"), feature_dim=147)  # pixels backbone: 3 × 7 × 7
+    result = run(cfg, tmp_path / "run")
+    assert 0 <= result["metrics"]["accuracy"] <= 100
+    stores = list(resolve_data_root(cfg.data, "vqav2").glob("regions-pixels-*"))
+    assert len(stores) == 1
+    store = RegionStore(stores[0])
+    assert store.feature_dim == 147 and len(store) == 96 + 24 + 24  # every image of every split
+    assert store["1"].boxes.shape[0] == store["1"].features.shape[0] >= 2  # ground-truth boxes: 2–5 objects
+    assert (store["1"].object_ids >= 0).all()  # labelled from the scene graph
+
+
+def test_a_region_model_on_real_data_without_a_store_is_told_how_to_make_one(make_cfg, tmp_path, region_model):
+    from vlbench.data.sources import resolve_data_root
+
+    world = resolve_data_root(make_cfg().data, "vqav2")
+    cfg = _as_region_model(
+        make_cfg(
+            "model=textonly",
+            "data=vqav2",
+            f"data.root={world}",
+            "data.tokenizer=auto",
+            "data.datasets.vqav2.image_template='images/{subtype}/COCO_{subtype}_{image_id:012d}.png'",
+        )
+    )
+    with pytest.raises(VlbenchError, match=r"data.datasets.vqav2.region_features: not set .* vlbench-data extract"):
         run(cfg, tmp_path / "run")

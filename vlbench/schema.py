@@ -75,6 +75,9 @@ class DataConfig:
     image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     augmentation: str = "none"  # recorded in every run; horizontal flips would break left/right questions
     cache_images: bool = False
+    # region features the synthetic world extracts on first use for region models (over ground-truth boxes)
+    region_backbone: str = "pixels"  # pixels (RoIAlign grid of RGB values, flattened) or a timm model name
+    region_roi_size: int = 7  # with pixels: 3 × 7 × 7 = 147-d features
     tokenizer: str = "auto"  # auto: <root>/tokenizer.json; otherwise a local path or hub name (local files only)
     max_text_len: int = 32
     # the dataset formats found under root, keyed by format (vqav2 | gqa | nlvr2 | karpathy); a task reads its own

@@ -188,8 +188,25 @@ def list_images(root: str | Path) -> dict[str, Path]:
     return images
 
 
+PIXELS = "pixels"  # no network: each box's RoIAlign grid of normalised RGB values, flattened (3 × roi_size² dims)
+
+
+class _PixelMap(torch.nn.Module):
+    """The image itself as the feature map (stride 1), in the list-of-maps shape timm's features_only models return."""
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return [pixels]
+
+
 def build_backbone(cfg: ExtractionConfig) -> tuple[torch.nn.Module, int, int]:
-    """(model returning its last feature map, its channels D, its stride); random init unless asked otherwise."""
+    """(model returning its last feature map, its channels D, its stride); random init unless asked otherwise.
+
+    ``backbone="pixels"`` skips the network: a box's feature is its RoIAlign grid of pixels, flattened. Why: on the
+    synthetic world a randomly initialised CNN's pooled features say little about colour and shape, while the pixel
+    grid is an exact, deterministic stand-in for a detector's appearance features that a model can learn from.
+    """
+    if cfg.backbone == PIXELS:
+        return _PixelMap(), 3, 1
     kwargs: dict = {"features_only": True, "out_indices": (-1,)}
     if cfg.pretrained == "timm":
         kwargs["pretrained"] = True
@@ -263,6 +280,8 @@ def extract_features(
         raise VlbenchError(f"--boxes {cfg.boxes}: no boxes for any of the {len(all_images)} images under {images}")
     model, feature_dim, stride = build_backbone(cfg)
     data_cfg = resolve_data_config({}, model=model)
+    flatten = cfg.backbone == PIXELS
+    feature_dim = feature_dim * cfg.roi_size**2 if flatten else feature_dim
     writer = RegionStoreWriter(
         store_path, feature_dim, source=f"extract:{cfg.boxes}", backbone=cfg.backbone, settings=_settings(cfg)
     )
@@ -285,7 +304,7 @@ def extract_features(
                 ]
             ).to(cfg.device)  # (sum N, 5): batch index, x1, y1, x2, y2 in resized pixels
             pooled = roi_align(feature_map, rois, cfg.roi_size, 1.0 / stride, sampling_ratio=2, aligned=True)
-            features = pooled.mean(dim=(2, 3)).float().cpu().numpy()  # (sum N, D)
+            features = (pooled.flatten(1) if flatten else pooled.mean(dim=(2, 3))).float().cpu().numpy()  # (sum N, D)
             start = 0
             for key, _, boxes, height, width in batch:
                 n = len(boxes.boxes)

@@ -30,3 +30,49 @@ def resolve_data_root(data_cfg: DictConfig, data_format: str = "vqav2") -> Path:
     if not root.is_dir():
         raise VlbenchError(f"data.root={root}: directory not found (expected the dataset's official files there)")
     return root
+
+
+def synthetic_region_store(data_cfg: DictConfig, format_dir: Path) -> Path:
+    """Region features of a synthetic format's images over their ground-truth boxes, extracted on first use.
+
+    Why automatic: a region model on the synthetic world must run with no extra step, as pixel models do. The store
+    lies in the format's folder, named by the extraction settings; the scene graphs of every split are merged into
+    one box file beside it. Extraction is atomic (the writer renames a finished store into place).
+    """
+    import hashlib
+    import json
+    import os
+    import tempfile
+
+    from vlbench.data.extract import ExtractionConfig, extract_features
+
+    settings = {
+        "backbone": data_cfg.region_backbone,
+        "roi_size": data_cfg.region_roi_size,
+        "image_size": data_cfg.image_size,
+    }
+    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    store = format_dir / f"regions-{data_cfg.region_backbone}-{tag}"
+    if (store / "meta.json").is_file():
+        return store
+    graphs: dict = {}
+    for path in sorted(format_dir.glob("*sceneGraphs.json")):
+        with open(path, encoding="utf-8") as f:
+            graphs.update(json.load(f))
+    if not graphs:
+        raise VlbenchError(f"{format_dir}: no *sceneGraphs.json to take ground-truth boxes from")
+    boxes_path = format_dir / "regions.sceneGraphs.json"
+    if not boxes_path.is_file():
+        handle, tmp = tempfile.mkstemp(dir=format_dir, prefix=".boxes-")
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(graphs, f)
+        os.replace(tmp, boxes_path)
+    config = ExtractionConfig(
+        backbone=data_cfg.region_backbone,
+        boxes=f"gt:{boxes_path}",
+        image_size=data_cfg.image_size,
+        roi_size=data_cfg.region_roi_size,
+        batch_size=64,
+    )
+    extract_features(format_dir / "images", store, config, progress=True)
+    return store

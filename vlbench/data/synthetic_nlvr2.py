@@ -24,17 +24,19 @@ from vlbench.data.synthetic_scenes import (
     SceneObject,
     SyntheticConfig,
     count_phrase,
+    dump_json,
     dump_json_lines,
     plural,
     related_pairs,
     render,
     sample_scene,
     save_png,
+    scene_graph,
     scene_words,
     words_of,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: scene graphs per image
 SPLITS = {"train": "train", "val": "dev", "test": "test1"}  # vlbench split → NLVR2's file and identifier prefix
 SIDES = ("left", "right")
 MAX_ATTEMPTS = 2000  # scene pairs tried for one wanted label before the statement is redrawn
@@ -148,13 +150,14 @@ def sample_pairs(
 
 
 def write_nlvr2(cfg: SyntheticConfig, out_dir: Path) -> None:
-    """{train,dev,test1}.json (JSON lines) and images/<split>/<split>-<set>-<pair>-img{0,1}.png."""
+    """{train,dev,test1}.json (JSON lines), images/<split>/<split>-<set>-<pair>-img{0,1}.png and a scene graph per
+    image ({split}_sceneGraphs.json keyed by image name: the ground-truth boxes region features are extracted over)."""
     rng = random.Random(f"{cfg.seed}:nlvr2")
     k = cfg.nlvr2_pairs_per_sentence
     for split, name in SPLITS.items():
         image_dir = out_dir / "images" / name
         image_dir.mkdir(parents=True, exist_ok=True)
-        rows = []
+        rows, graphs = [], {}
         for set_index in range(cfg.nlvr2_sentences.get(split, 0)):
             labels = balanced_labels(rng, k)
             for _ in range(20):
@@ -168,11 +171,13 @@ def write_nlvr2(cfg: SyntheticConfig, out_dir: Path) -> None:
                 pair_id = f"{name}-{set_index}-{pair_index}"
                 for image_index, scene in enumerate((left, right)):
                     save_png(render(scene, cfg.image_size, rng), image_dir / f"{pair_id}-img{image_index}.png")
+                    graphs[f"{pair_id}-img{image_index}"] = scene_graph(scene, cfg.image_size)
                 row = {"identifier": f"{pair_id}-0", "sentence": statement.text, "label": str(label)}
                 if name == "train":
                     row["directory"] = set_index % TRAIN_DIRECTORIES
                 rows.append({**row, "synthetic_template": statement.template})
         dump_json_lines(out_dir / f"{name}.json", rows)
+        dump_json(out_dir / f"{name}_sceneGraphs.json", graphs)  # ground-truth boxes, keyed by image name
 
 
 def vocabulary() -> set[str]:
