@@ -121,6 +121,9 @@ class Task:
     def dataset(self, split: str) -> Dataset:
         raise NotImplementedError
 
+    def configure_for_model(self, model_cls: type) -> None:
+        """Adapt to the model family before any split is read (pre-training adds QA pairs for LXMERT); no-op here."""
+
     def forward(self, model: nn.Module, head: nn.Module, batch: Batch, step: int) -> Any:
         """What training and prediction compute on a batch; by default the head over the joint encoding."""
         return head(model.encode(batch), batch)

@@ -17,10 +17,13 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
+from vlbench.data.files import read_json, require_keys
 from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch
 from vlbench.registry import TASKS
+from vlbench.tasks.answers import AnswerVocab
 from vlbench.tasks.base import EvalContext, EvalResult, to_device, write_json_predictions
+from vlbench.tasks.datasets import ExampleDataset
 from vlbench.tasks.retrieval import CaptionCorpusTask, score_retrieval
 from vlbench.tasks.retrieval_eval import retrieval_recalls
 
@@ -34,6 +37,29 @@ class NoHead(nn.Module):
         raise RuntimeError("the pretrain task has no head")
 
 
+def read_lxmert_questions(root: Path, names: list[str]) -> list[tuple[str, str, dict[str, float]]]:
+    """(image id, question, {answer: score}) from LXMERT-format pre-training files (``mscoco_train.json`` shape:
+    a list of {img_id, sentf: {source: [sentences]}, labelf: {source: [{answer: score}]}}); questions are the
+    sentences of every source that has labels."""
+    questions = []
+    for name in names:
+        path = root / name
+        doc = read_json(path)
+        if not isinstance(doc, list):
+            raise VlbenchError(f"{path}: expected a JSON list of {{img_id, sentf, labelf}} (LXMERT format)")
+        for i, entry in enumerate(doc):
+            require_keys(entry, ("img_id", "sentf"), path, f"entry #{i}")
+            for source, labels in entry.get("labelf", {}).items():
+                sentences = entry["sentf"].get(source, [])
+                if len(sentences) != len(labels):
+                    raise VlbenchError(
+                        f"{path}: entry #{i} ({entry['img_id']}) has {len(sentences)} {source} sentences but "
+                        f"{len(labels)} label sets"
+                    )
+                questions += [(entry["img_id"], q, dict(a)) for q, a in zip(sentences, labels, strict=True)]
+    return questions
+
+
 @TASKS.register("pretrain")
 class PretrainTask(CaptionCorpusTask):
     head_kind = "pretrain"
@@ -41,6 +67,59 @@ class PretrainTask(CaptionCorpusTask):
     def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
         super().__init__(cfg, data_cfg, data_root, tokenizer, visual_input)
         self._results: dict[str, dict[str, float]] = {}
+        self.use_qa = cfg.qa == "on"
+        self.answers: AnswerVocab | None = None
+
+    def configure_for_model(self, model_cls: type) -> None:
+        """``task.qa=auto``: add the QA pairs when the model has an image-QA objective (LXMERT)."""
+        if self.cfg.qa == "auto":
+            self.use_qa = bool(getattr(model_cls, "pretrain_uses_qa", False))
+
+    def _questions(self, split: str) -> list[tuple[str, str, dict[str, float]]]:
+        names = list(self.cfg.qa_files.get(split, []))
+        if not names:
+            raise VlbenchError(f"task.qa_files.{split}: no LXMERT-format QA files named for the {split} split")
+        return read_lxmert_questions(self.data_root, names)
+
+    def dataset(self, split: str) -> ExampleDataset:
+        if not self.use_qa:
+            return super().dataset(split)
+        if split not in self._datasets:
+            if self.answers is None:  # the answer table: top-K answers of the training questions
+                train_answers = (a for _, _, labels in self._questions("train") for a in labels)
+                self.answers = AnswerVocab.from_answers(train_answers, self.cfg.num_qa_answers)
+            images = self.images(split)
+            by_stem = {im.ref.path.stem: index for index, im in enumerate(images)}
+            texts, refs, targets = [], [], []
+            for index, image in enumerate(images):
+                for caption in image.captions:
+                    texts.append(caption)
+                    refs.append([image.ref])
+                    targets.append((index, None))
+            for img_id, question, labels in self._questions(split):
+                index = by_stem.get(img_id, by_stem.get(str(img_id)))
+                if index is None:  # a question about an image outside this split (or a limited split)
+                    continue
+                scores = {self.answers.index[a]: float(v) for a, v in labels.items() if a in self.answers.index}
+                texts.append(question)
+                refs.append([images[index].ref])
+                targets.append((index, scores or None))
+            self._datasets[split] = ExampleDataset(
+                texts, refs, self.tokenizer, self.data_cfg.max_text_len, self.visual, targets, self._collate_qa
+            )
+        return self._datasets[split]
+
+    def _collate_qa(self, targets: list[tuple[int, dict[int, float] | None]]) -> dict[str, torch.Tensor]:
+        """``image_ids``; ``qa_targets`` (B, answers) soft scores and ``qa_mask`` (B,): which rows are answerable."""
+        dense = torch.zeros(len(targets), len(self.answers))
+        for row, (_, scores) in enumerate(targets):
+            for col, score in (scores or {}).items():
+                dense[row, col] = score
+        return {
+            "image_ids": torch.tensor([index for index, _ in targets], dtype=torch.long),
+            "qa_targets": dense,
+            "qa_mask": torch.tensor([scores is not None for _, scores in targets]),
+        }
 
     @property
     def num_outputs(self) -> int:
@@ -103,4 +182,13 @@ class PretrainTask(CaptionCorpusTask):
         return write_json_predictions(predictions, path_stem)
 
     def describe(self) -> dict:
-        return {"loss_weights": dict(self.cfg.loss_weights), "corpus": "Karpathy-format captions (train + restval)"}
+        described = {
+            "loss_weights": dict(self.cfg.loss_weights),
+            "corpus": "Karpathy-format captions (train + restval)",
+        }
+        if self.use_qa:
+            described |= {
+                "qa_files": {k: list(v) for k, v in self.cfg.qa_files.items()},
+                "num_qa_answers": len(self.answers or []),
+            }
+        return described

@@ -100,3 +100,43 @@ def test_a_task_on_data_without_its_format_fails_clearly(make_cfg, tmp_path):
     root.mkdir()
     with pytest.raises(VlbenchError, match=r"data=vqav2: has no gqa files"):
         run(make_cfg("task=gqa", "data=vqav2", f"data.root={root}", "data.tokenizer=auto"), tmp_path / "run")
+
+
+def test_pretrain_adds_lxmert_qa_pairs_with_answer_targets(make_cfg):
+    from vlbench.data.sources import resolve_data_root
+    from vlbench.data.text import load_tokenizer
+    from vlbench.tasks.pretrain import PretrainTask, read_lxmert_questions
+
+    cfg = make_cfg("task=pretrain", "task.qa=on", *SMALL_FORMATS)
+    root = resolve_data_root(cfg.data, "karpathy")
+    task = PretrainTask(cfg.task, cfg.data, root, load_tokenizer(cfg.data.tokenizer, root), "pixels")
+    dataset = task.dataset("train")
+    captions = sum(len(im.captions) for im in task.images("train"))
+    questions = read_lxmert_questions(root, ["lxmert_train.json"])
+    assert len(dataset) == captions + len(questions)  # every training image has its questions in the file
+    batch = dataset.collate([dataset[i] for i in (0, captions, captions + 1)])
+    assert batch["qa_mask"].tolist() == [False, True, True]
+    assert batch["qa_targets"][0].sum() == 0
+    img_id, _, labels = questions[0]
+    ((answer, score),) = labels.items()
+    assert batch["qa_targets"][1, task.answers.index[answer]] == score
+    assert task.images("train")[batch["image_ids"][1]].ref.path.stem == img_id
+
+
+def test_pretrain_qa_follows_the_model(make_cfg):
+    from vlbench.data.sources import resolve_data_root
+    from vlbench.data.text import load_tokenizer
+    from vlbench.models.albef import ALBEF
+    from vlbench.tasks.pretrain import PretrainTask
+
+    cfg = make_cfg("task=pretrain", *SMALL_FORMATS)
+    root = resolve_data_root(cfg.data, "karpathy")
+    task = PretrainTask(cfg.task, cfg.data, root, load_tokenizer(cfg.data.tokenizer, root), "pixels")
+    task.configure_for_model(ALBEF)
+    assert not task.use_qa and "qa_mask" not in task.dataset("train").collate([task.dataset("train")[0]])
+
+    class WithQA:
+        pretrain_uses_qa = True
+
+    task.configure_for_model(WithQA)
+    assert task.use_qa

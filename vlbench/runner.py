@@ -246,6 +246,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     data_root = resolve_data_root(cfg.data, task_cls.data_format)
     tokenizer = load_tokenizer(cfg.data.tokenizer, data_root)
     task: Task = task_cls(cfg.task, cfg.data, data_root, tokenizer, model_cls.visual_input)
+    task.configure_for_model(model_cls)
     if model_cls.visual_input == "regions" and task.visual is not None:
         expected = OmegaConf.select(cfg, "model.visual_feature_dim", default=None)
         task.visual.require_feature_dim(expected, "model.visual_feature_dim")

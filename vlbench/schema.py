@@ -150,6 +150,12 @@ class PretrainTaskConfig(TaskConfig):
     include_restval: bool = True
     loss_weights: dict[str, float] = field(default_factory=dict)  # per-objective weight; missing objectives 1.0
     zero_shot_retrieval: bool = True  # evaluate ITC retrieval on the val split when the model has embeddings
+    qa: str = "auto"  # add image-QA pairs (LXMERT): auto (when the model has a QA objective) | on | off
+    # LXMERT-format QA files per split, in the Karpathy folder (real data: mscoco_train.json, vgnococo.json, ...)
+    qa_files: dict[str, list[str]] = field(
+        default_factory=lambda: {"train": ["lxmert_train.json"], "val": ["lxmert_val.json"]}
+    )
+    num_qa_answers: int = 9500  # the answer table: top-K training answers (LXMERT: 9,500)
 
 
 @dataclass
