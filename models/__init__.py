@@ -1,3 +1,3 @@
 """Model families. Importing this package registers every family in ``vlbench.registry.MODELS``."""
 
-from vlbench.models import albef, majority, textonly  # noqa: F401  (registration side effects)
+from vlbench.models import albef, lxmert, majority, textonly  # noqa: F401  (registration side effects)

@@ -94,7 +94,7 @@ class DataConfig:
     # per-format sizes (each format's folder is generated only when a task reads it)
     gqa_images: dict[str, int] = field(default_factory=lambda: {"train": 3000, "val": 300, "test": 600})
     gqa_questions_per_image: int = 5  # a primary question and the questions it entails, on the same image
-    nlvr2_sentences: dict[str, int] = field(default_factory=lambda: {"train": 600, "val": 100, "test": 150})
+    nlvr2_sentences: dict[str, int] = field(default_factory=lambda: {"train": 2500, "val": 200, "test": 300})
     nlvr2_pairs_per_sentence: int = 4  # image pairs per sentence (NLVR2's consistency groups)
     karpathy_images: dict[str, int] = field(
         default_factory=lambda: {"train": 2000, "restval": 100, "val": 200, "test": 200}
@@ -191,6 +191,27 @@ class AlbefModelConfig(ModelConfig):
 
 
 @dataclass
+class LxmertModelConfig(ModelConfig):
+    name: str = "lxmert"
+    text: TextSizes = field(default_factory=TextSizes)  # shared by the language, object and cross encoders
+    l_layers: int = 9  # language encoder
+    r_layers: int = 5  # object-relationship encoder
+    x_layers: int = 5  # cross-modality encoder
+    visual_feature_dim: int = 2048  # RoI feature size (BUTD Faster R-CNN); checked against the region store
+    visual_pos_dim: int = 4  # normalised box x1, y1, x2, y2
+    num_object_labels: int = 1600  # detector object classes (Visual Genome); set to the data's label vocabulary
+    num_attr_labels: int = 400
+    num_qa_labels: int = 9500  # pre-training answer table; 0: no QA head or objective
+    mlm_probability: float = 0.15
+    object_mask_probability: float = 0.15
+    matching_probability: float = 0.5  # a pair's sentence is replaced by another pair's with this probability
+    visual_loss_normalizer: float = 6.67  # multiplies each masked-object loss (≈ 1 / object_mask_probability)
+    label_all_regions: bool = True  # obj/attr labels on every region (reference code) | only masked ones (paper)
+    qa_start_step: int = 0  # QA objective from this step on (the paper: the second half of pre-training)
+    init_checkpoint: str | None = None  # a local reference checkpoint (original release or transformers) to load
+
+
+@dataclass
 class TextOnlyModelConfig(ModelConfig):
     name: str = "textonly"
     text: TextSizes = field(default_factory=TextSizes)
@@ -227,7 +248,12 @@ class Config:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"albef": AlbefModelConfig, "textonly": TextOnlyModelConfig, "majority": MajorityModelConfig},
+    "model": {
+        "albef": AlbefModelConfig,
+        "lxmert": LxmertModelConfig,
+        "textonly": TextOnlyModelConfig,
+        "majority": MajorityModelConfig,
+    },
     "task": {
         "vqa": VQATaskConfig,
         "gqa": GQATaskConfig,

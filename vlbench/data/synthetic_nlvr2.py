@@ -36,13 +36,16 @@ from vlbench.data.synthetic_scenes import (
     words_of,
 )
 
-FORMAT_VERSION = 2  # 2: scene graphs per image
+FORMAT_VERSION = 3  # 2: scene graphs per image; 3: colour-referent templates, weighted
 SPLITS = {"train": "train", "val": "dev", "test": "test1"}  # vlbench split → NLVR2's file and identifier prefix
 SIDES = ("left", "right")
 MAX_ATTEMPTS = 2000  # scene pairs tried for one wanted label before the statement is redrawn
 TRAIN_DIRECTORIES = 100  # NLVR2's train images are spread over directories 0–99 (the ``directory`` field)
 
 TEMPLATES = {
+    "colorExists": "The {side} image contains a {color} object.",
+    "bothColor": "Both images contain a {color} object.",
+    "colorCount": "The {side} image contains exactly {number} {color} {noun}.",
     "moreColor": "There are more {color} objects in the {side} image than in the {other} image.",
     "bothContain": "Both images contain a {color} {shape}.",
     "exactCount": "The {side} image contains exactly {count}.",
@@ -52,6 +55,10 @@ TEMPLATES = {
     "sameCount": "Both images contain the same number of {shapes}.",
     "relation": "The {side} image contains a {color} object {rel} a {color2} object.",
 }
+# Colour-referent statements (the first four) are drawn more often: they exercise the grounding a model trained from
+# scratch learns first (colour word → region, as the VQA world's questions), so the task is learnable in CPU minutes;
+# the others keep shapes, sizes, totals and relations in the mix.
+TEMPLATE_WEIGHTS = {name: (3 if i < 4 else 1) for i, name in enumerate(TEMPLATES)}
 
 
 def _count(objects: list[SceneObject], **attributes: str) -> int:
@@ -90,6 +97,12 @@ class Statement:
     def holds(self, left: list[SceneObject], right: list[SceneObject]) -> bool:
         named, other = (left, right) if self.side == "left" else (right, left)
         t = self.template
+        if t == "colorExists":
+            return _count(named, color=self.color) > 0
+        if t == "bothColor":
+            return all(_count(scene, color=self.color) for scene in (left, right))
+        if t == "colorCount":
+            return _count(named, color=self.color) == self.number
         if t == "moreColor":
             return _count(named, color=self.color) > _count(other, color=self.color)
         if t == "bothContain":
@@ -112,8 +125,8 @@ class Statement:
 
 
 def draw_statement(rng: random.Random) -> Statement:
-    """Template and parameters drawn uniformly (numbers 1–3: neither rare nor near-certain with 2–5 objects)."""
-    template = rng.choice(list(TEMPLATES))
+    """Template by ``TEMPLATE_WEIGHTS``, parameters uniformly (numbers 1–3: neither rare nor near-certain)."""
+    template = rng.choices(list(TEMPLATE_WEIGHTS), weights=list(TEMPLATE_WEIGHTS.values()))[0]
     color, color2 = rng.sample(list(COLORS), 2)
     return Statement(
         template,

@@ -49,7 +49,7 @@ class SyntheticConfig:
     gqa_images: dict[str, int] = field(default_factory=lambda: {"train": 3000, "val": 300, "test": 600})
     gqa_questions_per_image: int = 5
     # NLVR2: sentences per split, each paired with several image pairs
-    nlvr2_sentences: dict[str, int] = field(default_factory=lambda: {"train": 600, "val": 100, "test": 150})
+    nlvr2_sentences: dict[str, int] = field(default_factory=lambda: {"train": 2500, "val": 200, "test": 300})
     nlvr2_pairs_per_sentence: int = 4
     # Karpathy caption splits (+ LXMERT-style pre-training files)
     karpathy_images: dict[str, int] = field(

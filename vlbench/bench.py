@@ -1,0 +1,175 @@
+"""`vlbench-bench`: speed comparisons of our models against their reference implementations (not tests).
+
+vlbench-bench lxmert [--scale tiny|base] [--batch-size 8] [--steps 4] [--warmup 1] [--threads N] [--device cpu]
+    Training-step throughput of our LXMERT vs transformers' ``LxmertForPreTraining`` with the same config, weights,
+    corrupted inputs and loss (the five pre-training objectives summed), in one process, alternating rounds so that
+    a busy machine slows both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from vlbench.models.base import ModelContext
+
+BERT_VOCAB = 30522  # bert-base-uncased, LXMERT's tokenizer
+
+
+def _lxmert_pair(scale: str, device: torch.device):
+    """Our LXMERT at a scale's config (composed as the app does) and transformers' with the same weights."""
+    from hydra import compose, initialize_config_module
+    from transformers import LxmertConfig, LxmertForPreTraining
+
+    import vlbench.cli  # noqa: F401  (registers schemas and resolvers, as the app does)
+    from vlbench.models.lxmert import LXMERT, to_transformers_state_dict
+
+    with initialize_config_module(config_module="vlbench.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=lxmert", f"scale={scale}"]).model
+    ctx = ModelContext(
+        vocab_size=BERT_VOCAB, pad_token_id=0, cls_token_id=101, sep_token_id=102, mask_token_id=103, image_size=0
+    )
+    torch.manual_seed(0)
+    ours = LXMERT(cfg, ctx)
+    reference = LxmertForPreTraining(
+        LxmertConfig(
+            vocab_size=BERT_VOCAB,
+            hidden_size=cfg.text.hidden_size,
+            num_attention_heads=cfg.text.num_heads,
+            intermediate_size=cfg.text.intermediate_size,
+            hidden_dropout_prob=cfg.text.dropout,
+            attention_probs_dropout_prob=cfg.text.dropout,
+            max_position_embeddings=cfg.text.max_position_embeddings,
+            l_layers=cfg.l_layers,
+            r_layers=cfg.r_layers,
+            x_layers=cfg.x_layers,
+            visual_feat_dim=cfg.visual_feature_dim,
+            visual_pos_dim=cfg.visual_pos_dim,
+            num_object_labels=cfg.num_object_labels,
+            num_attr_labels=cfg.num_attr_labels,
+            num_qa_labels=cfg.num_qa_labels,
+        )
+    )
+    reference.load_state_dict(to_transformers_state_dict(ours.state_dict()), strict=True)
+    return ours.to(device).train(), reference.to(device).train(), cfg
+
+
+def _random_batch(cfg, batch_size: int, length: int, regions: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A pre-training batch of LXMERT's shape: 36 labelled regions, every pair a question with answers."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, BERT_VOCAB, (batch_size, length), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "region_features": torch.rand(batch_size, regions, cfg.visual_feature_dim, generator=g),
+        "region_boxes": torch.rand(batch_size, regions, 4, generator=g),
+        "region_mask": torch.ones(batch_size, regions, dtype=torch.bool),
+        "region_object_ids": torch.randint(cfg.num_object_labels, (batch_size, regions), generator=g),
+        "region_object_conf": torch.rand(batch_size, regions, generator=g),
+        "region_attr_ids": torch.randint(cfg.num_attr_labels, (batch_size, regions), generator=g),
+        "region_attr_conf": torch.rand(batch_size, regions, generator=g),
+        "image_ids": torch.arange(batch_size),
+        "qa_targets": (torch.rand(batch_size, cfg.num_qa_labels, generator=g) > 0.999).float(),
+        "qa_mask": torch.ones(batch_size, dtype=torch.bool),
+    }
+    batch["qa_targets"][:, 0] = 1.0  # every question has an answer
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _time_rounds(steps: dict[str, Callable[[], float]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Seconds per step of each contender, alternating one step each per round."""
+    total = dict.fromkeys(steps, 0.0)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            total[name] += time.perf_counter() - start
+    return {name: seconds / rounds for name, seconds in total.items()}
+
+
+def bench_lxmert(args: argparse.Namespace) -> dict[str, float]:
+    """Our LXMERT vs transformers': samples/s of a full training step (forward, backward, AdamW) on the same data."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ours, reference, cfg = _lxmert_pair(args.scale, device)
+    batch = _random_batch(cfg, args.batch_size, args.text_length, args.regions, device)
+    torch.manual_seed(1)
+    inputs = ours.corrupt(batch, step=0)  # one corruption, fed to both: the same inputs and labels
+    reference_kwargs = {
+        "input_ids": inputs.input_ids,
+        "attention_mask": inputs.attention_mask,
+        "visual_feats": inputs.region_features,
+        "visual_pos": inputs.region_boxes,
+        "labels": inputs.mlm_labels,
+        "obj_labels": {
+            "obj": (inputs.object_ids, inputs.object_conf),
+            "attr": (inputs.attr_ids, inputs.attr_conf),
+            "feat": (inputs.target_features, inputs.masked_regions.float()),
+        },
+        "matched_label": inputs.matched,
+        "ans": inputs.qa_answers,
+    }
+    optimizers = {
+        "ours": torch.optim.AdamW(ours.parameters(), lr=1e-5),
+        "transformers": torch.optim.AdamW(reference.parameters(), lr=1e-5),
+    }
+    losses = {}
+
+    def train_step(name: str, compute: Callable[[], torch.Tensor]) -> Callable[[], float]:
+        def step() -> float:
+            optimizers[name].zero_grad(set_to_none=True)
+            loss = compute()
+            loss.backward()
+            optimizers[name].step()
+            losses.setdefault(name, loss.item())
+            return loss.item()
+
+        return step
+
+    steps = {
+        "ours": train_step("ours", lambda: sum(ours.losses_from(inputs).values())),
+        "transformers": train_step("transformers", lambda: reference(**reference_kwargs).loss),
+    }
+    if args.warmup:
+        _time_rounds(steps, args.warmup, device)
+    seconds = _time_rounds(steps, args.steps, device)
+    rates = {name: args.batch_size / s for name, s in seconds.items()}
+    print(
+        f"LXMERT {args.scale} training step, batch {args.batch_size} × ({args.text_length} tokens, {args.regions} "
+        f"regions), {args.steps} steps after {args.warmup} warm-up, {torch.get_num_threads()} threads, {device}"
+    )
+    print(f"first-step loss: ours {losses['ours']:.6f}, transformers {losses['transformers']:.6f}")
+    for name, rate in rates.items():
+        print(f"{name:>13}: {rate:8.2f} samples/s  ({seconds[name] * 1000:.0f} ms/step)")
+    print(f"ratio ours / transformers: {rates['ours'] / rates['transformers']:.2f}×")
+    return rates
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vlbench-bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("lxmert", help="training-step samples/s: our LXMERT vs transformers' LxmertForPreTraining")
+    p.add_argument("--scale", choices=["tiny", "base"], default="base")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
+    p.add_argument("--text-length", type=int, default=20, help="tokens per sentence (the reference pads to 20)")
+    p.add_argument("--regions", type=int, default=36)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=bench_lxmert)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
