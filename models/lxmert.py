@@ -332,6 +332,12 @@ class LXMERT(VisionLanguageModel):
         def label(name: str) -> torch.Tensor | None:
             return batch.get(f"region_{name}")
 
+        for name, size in (("object_ids", cfg.num_object_labels), ("attr_ids", cfg.num_attr_labels)):
+            ids = label(name)
+            if ids is not None and ids.numel() and int(ids.max()) >= size:  # CUDA would only say "device assert"
+                field = "num_object_labels" if name == "object_ids" else "num_attr_labels"
+                raise VlbenchError(f"region_{name} reach {int(ids.max())} but model.{field}={size}: raise it")
+
         return PretrainInputs(
             input_ids=masked_ids,
             attention_mask=attention_mask,

@@ -76,9 +76,10 @@ class PretrainTask(CaptionCorpusTask):
             self.use_qa = bool(getattr(model_cls, "pretrain_uses_qa", False))
 
     def _questions(self, split: str) -> list[tuple[str, str, dict[str, float]]]:
+        """The split's QA pairs; only training must have them (a split without files is evaluated on captions)."""
         names = list(self.cfg.qa_files.get(split, []))
-        if not names:
-            raise VlbenchError(f"task.qa_files.{split}: no LXMERT-format QA files named for the {split} split")
+        if not names and split == "train":
+            raise VlbenchError("task.qa_files.train: no LXMERT-format QA files named for training (task.qa=on)")
         return read_lxmert_questions(self.data_root, names)
 
     def dataset(self, split: str) -> ExampleDataset:

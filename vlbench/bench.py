@@ -118,6 +118,10 @@ def bench_lxmert(args: argparse.Namespace) -> dict[str, float]:
         "matched_label": inputs.matched,
         "ans": inputs.qa_answers,
     }
+    with torch.no_grad():  # the two compute the same loss (without dropout's randomness)
+        ours.eval(), reference.eval()
+        same = (float(sum(ours.losses_from(inputs).values())), float(reference(**reference_kwargs).loss))
+        ours.train(), reference.train()
     optimizers = {
         "ours": torch.optim.AdamW(ours.parameters(), lr=1e-5),
         "transformers": torch.optim.AdamW(reference.parameters(), lr=1e-5),
@@ -147,7 +151,11 @@ def bench_lxmert(args: argparse.Namespace) -> dict[str, float]:
         f"LXMERT {args.scale} training step, batch {args.batch_size} × ({args.text_length} tokens, {args.regions} "
         f"regions), {args.steps} steps after {args.warmup} warm-up, {torch.get_num_threads()} threads, {device}"
     )
-    print(f"first-step loss: ours {losses['ours']:.6f}, transformers {losses['transformers']:.6f}")
+    print(f"loss in eval mode: ours {same[0]:.6f}, transformers {same[1]:.6f}")
+    print(
+        f"first training-step loss (dropout differs): ours {losses['ours']:.4f}, "
+        f"transformers {losses['transformers']:.4f}"
+    )
     for name, rate in rates.items():
         print(f"{name:>13}: {rate:8.2f} samples/s  ({seconds[name] * 1000:.0f} ms/step)")
     print(f"ratio ours / transformers: {rates['ours'] / rates['transformers']:.2f}×")

@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LxmertConfig, LxmertForPreTraining
 
+from tests.models.test_albef import grads_of, nonzero  # gradient-routing helpers shared with ALBEF's tests
 from vlbench.errors import VlbenchError
 from vlbench.models.base import JointEncoding, ModelContext
 from vlbench.models.lxmert import (
@@ -245,16 +246,6 @@ def test_eval_encode_is_deterministic_and_padded_regions_are_ignored():
 
 
 # ----- pre-training objectives ---------------------------------------------------------------------------------------
-def grads_of(model: LXMERT, loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
-    model.zero_grad(set_to_none=True)
-    loss.backward(retain_graph=True)
-    return {n: p.grad for n, p in model.named_parameters()}
-
-
-def reached(grads, prefix: str) -> bool:
-    return any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(prefix))
-
-
 def test_losses_are_finite_and_reach_the_right_parameters():
     model = tiny_lxmert()
     torch.manual_seed(0)
@@ -272,9 +263,9 @@ def test_losses_are_finite_and_reach_the_right_parameters():
     }
     for name, (reaches, spared) in routes.items():
         grads = grads_of(model, losses[name])
-        assert reached(grads, reaches) and not reached(grads, spared), name
-        assert reached(grads, "language_encoder.") and reached(grads, "cross_encoder."), name
-    assert reached(grads_of(model, losses["obj_attr"]), "visual_embeddings.feature_proj")
+        assert nonzero(grads, reaches) and not nonzero(grads, spared), name
+        assert nonzero(grads, "language_encoder.") and nonzero(grads, "cross_encoder."), name
+    assert nonzero(grads_of(model, losses["obj_attr"]), "visual_embeddings.feature_proj")
 
 
 def test_qa_waits_for_its_step_and_needs_answers():
@@ -290,6 +281,8 @@ def test_qa_waits_for_its_step_and_needs_answers():
     assert "qa" not in tiny_lxmert(num_qa_labels=0).pretrain_losses(batch, step=10)
     with pytest.raises(VlbenchError, match="num_qa_labels"):
         model.pretrain_losses(dict(batch, qa_targets=torch.ones(6, QA + 1)), step=10)
+    with pytest.raises(VlbenchError, match="region_attr_ids reach 5 but model.num_attr_labels=5"):
+        model.pretrain_losses(dict(batch, region_attr_ids=torch.full((6, 5), ATTR)), step=0)
 
 
 def test_qa_only_on_matched_questions():

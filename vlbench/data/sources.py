@@ -61,6 +61,12 @@ def synthetic_region_store(data_cfg: DictConfig, format_dir: Path) -> Path:
             graphs.update(json.load(f))
     if not graphs:
         raise VlbenchError(f"{format_dir}: no *sceneGraphs.json to take ground-truth boxes from")
+    # one label vocabulary for every format (the Karpathy folder's files), so pre-trained object heads transfer
+    from vlbench.data.synthetic_scenes import COLORS, SHAPES, SIZES
+
+    for name, labels in (("objects_vocab.txt", SHAPES), ("attributes_vocab.txt", [*COLORS, *SIZES])):
+        if not (format_dir / name).is_file():
+            (format_dir / name).write_text("".join(f"{label}\n" for label in labels))
     boxes_path = format_dir / "regions.sceneGraphs.json"
     if not boxes_path.is_file():
         handle, tmp = tempfile.mkstemp(dir=format_dir, prefix=".boxes-")
