@@ -8,8 +8,9 @@ Protocol (recorded in every run):
   trained on each pair plus one random negative text per image and one random negative image per text.
 - Scoring (``task.scoring``): ``itc`` (cosine of unimodal embeddings), ``itm`` (the matching score of every
   image–text pair, batched: n_images × n_texts forward passes), or ``itc_itm`` (ALBEF's: ITC for all pairs, then
-  each query's ``rerank_k`` best candidates rescored by ITM); ``auto`` picks ``itc_itm`` when the model has
-  unimodal embeddings, ``itm`` otherwise. Recalls come from ``tasks/retrieval_eval.py``.
+  each query's ``rerank_k`` best candidates rescored by ITM); ``auto`` picks ``itc_itm`` with ``head=native`` when
+  the model has unimodal embeddings (its own objectives train them), ``itm`` otherwise (the shared head trains no
+  embeddings, so ITC candidates would be random). Recalls come from ``tasks/retrieval_eval.py``.
 """
 
 from __future__ import annotations
@@ -274,8 +275,10 @@ class RetrievalTask(CaptionCorpusTask):
         probe = {k: v[:1] for k, v in visual_batch.items()}
         has_itc = bool(probe) and model.embed_image(probe) is not None
         has_itm = not native or type(model).match_scores is not VisionLanguageModel.match_scores
-        if self.cfg.scoring == "auto":
-            return "itc_itm" if has_itc and has_itm else ("itc" if has_itc else "itm")
+        if self.cfg.scoring == "auto":  # ITC is trained only by the model's own objectives (head=native)
+            if native and has_itc:
+                return "itc_itm" if has_itm else "itc"
+            return "itm"
         if self.cfg.scoring in ("itc", "itc_itm") and not has_itc:
             raise VlbenchError(f"task.scoring={self.cfg.scoring}: the model has no unimodal embeddings; use itm")
         return self.cfg.scoring

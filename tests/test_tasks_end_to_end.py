@@ -140,3 +140,20 @@ def test_pretrain_qa_follows_the_model(make_cfg):
 
     task.configure_for_model(WithQA)
     assert task.use_qa
+
+
+def test_retrieval_auto_scoring_uses_itc_only_when_the_model_trained_it(make_cfg):
+    from vlbench.data.sources import resolve_data_root
+    from vlbench.data.text import load_tokenizer
+    from vlbench.models.albef import ALBEF
+    from vlbench.models.base import ModelContext
+    from vlbench.tasks.retrieval import RetrievalTask
+
+    cfg = make_cfg("task=retrieval", *SMALL_FORMATS)
+    root = resolve_data_root(cfg.data, "karpathy")
+    tok = load_tokenizer(cfg.data.tokenizer, root)
+    task = RetrievalTask(cfg.task, cfg.data, root, tok, "pixels")
+    model = ALBEF(cfg.model, ModelContext(len(tok), 0, 2, 3, 4, 64))
+    _, visual_batch, _ = task.eval_inputs("val")
+    assert task._scoring_for(model, native=True, visual_batch=visual_batch) == "itc_itm"
+    assert task._scoring_for(model, native=False, visual_batch=visual_batch) == "itm"

@@ -137,7 +137,7 @@ class NLVR2TaskConfig(TaskConfig):
 class RetrievalTaskConfig(TaskConfig):
     name: str = "retrieval"
     main_metric: str = "mean_recall"
-    scoring: str = "auto"  # auto | itc | itm | itc_itm (auto: itc_itm when the model has ITC, else itm)
+    scoring: str = "auto"  # auto | itc | itm | itc_itm (auto: itc_itm for head=native with ITC, else itm)
     rerank_k: int = 16  # itc_itm: ITM rescoring of each query's k best candidates by ITC (ALBEF uses 128 / 256)
     include_restval: bool = True  # Karpathy's restval images join training (the COCO standard)
     head_dropout: float = 0.1
