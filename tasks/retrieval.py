@@ -271,8 +271,8 @@ class RetrievalTask(CaptionCorpusTask):
     def loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return sum(outputs.values())
 
-    def _scoring_for(self, model: nn.Module, native: bool, visual_batch: dict) -> str:
-        probe = {k: v[:1] for k, v in visual_batch.items()}
+    def _scoring_for(self, model: nn.Module, native: bool, visual_batch: dict, device=torch.device("cpu")) -> str:
+        probe = to_device({k: v[:1] for k, v in visual_batch.items()}, device)  # one image: does it embed?
         has_itc = bool(probe) and model.embed_image(probe) is not None
         has_itm = not native or type(model).match_scores is not VisionLanguageModel.match_scores
         if self.cfg.scoring == "auto":  # ITC is trained only by the model's own objectives (head=native)
@@ -298,7 +298,7 @@ class RetrievalTask(CaptionCorpusTask):
             def match_fn(pairs):
                 return head(model.encode(pairs), pairs)[:, 1]
 
-        scoring = self._scoring_for(model, native, to_device(visual_batch, ctx.device))
+        scoring = self._scoring_for(model, native, visual_batch, ctx.device)
         i2t, t2i = score_retrieval(
             model, match_fn, visual_batch, text_batch, ctx, scoring, self.cfg.rerank_k, len(images)
         )
