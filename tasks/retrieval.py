@@ -271,7 +271,9 @@ class RetrievalTask(CaptionCorpusTask):
     def loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return sum(outputs.values())
 
-    def _scoring_for(self, model: nn.Module, native: bool, visual_batch: dict, device=torch.device("cpu")) -> str:
+    def _scoring_for(
+        self, model: nn.Module, native: bool, visual_batch: dict, device: str | torch.device = "cpu"
+    ) -> str:
         probe = to_device({k: v[:1] for k, v in visual_batch.items()}, device)  # one image: does it embed?
         has_itc = bool(probe) and model.embed_image(probe) is not None
         has_itm = not native or type(model).match_scores is not VisionLanguageModel.match_scores
