@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from vlbench.data.sources import resolve_data_root
 from vlbench.data.text import load_tokenizer
 from vlbench.errors import VlbenchError
+from vlbench.init_from import describe_report, load_init_weights, resolve_init_source
 from vlbench.loggers import build_logger
 from vlbench.models.base import ModelContext, VisionLanguageModel
 from vlbench.registry import MODELS, TASKS
@@ -201,6 +202,7 @@ def format_summary(result: dict) -> str:
         ("seed", str(result["seed"])),
         ("split", result["split"]),
         ("checkpoint", result["checkpoint"]),
+        ("init from", result.get("init_from") or "scratch"),
     ]
     rows += [(name, f"{value:.2f}") for name, value in result["metrics"].items()]
     if result.get("val_metrics"):
@@ -270,6 +272,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         head = task.build_shared_head(model.hidden_size)
     else:
         raise VlbenchError(f"head={cfg.head!r}: expected shared or native")
+    init_report = None
+    if cfg.init_from and resume_state is None:  # a resumed run reloads its own weights below
+        init_report = load_init_weights(model, resolve_init_source(cfg.init_from), cfg.model)
+        tqdm.write(describe_report(init_report))
     net = TaskModel(model, head, task).to(device)
     ectx = eval_context(cfg, device)
 
@@ -316,6 +322,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "augmentation": cfg.data.augmentation,
         "batch_size": tcfg.batch_size * tcfg.grad_accum_steps,
         "precision": tcfg.precision,
+        "init_from": init_report,
     }
 
     def trainer_state() -> dict:
@@ -457,6 +464,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "seed": cfg.seed,
         "head": cfg.head,
         "data": cfg.data.name,
+        "init_from": init_report["run_dir"] or init_report["path"] if init_report else None,
         "split": test_split,
         "checkpoint": checkpoint,
         "main_metric": task.cfg.main_metric,

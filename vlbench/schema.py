@@ -244,6 +244,7 @@ class Config:
     results_dir: str = "results/runs"
     run_id: str | None = None  # null: timestamp + short config hash
     resume: str | None = None  # a run directory to continue
+    init_from: str | None = None  # a finished run directory or .safetensors file: its model weights start this run
     deterministic: bool = False
 
 

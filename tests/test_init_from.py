@@ -1,0 +1,82 @@
+"""init_from: pre-train → fine-tune starts from exactly the pre-trained model tensors, or stops naming what differs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_tasks_end_to_end import SMALL_FORMATS
+from vlbench.errors import VlbenchError
+from vlbench.runner import run
+
+
+@pytest.fixture
+def pretrained_run(make_cfg, tmp_path):
+    run_dir = tmp_path / "pretrain"
+    run(make_cfg("model=albef", "task=pretrain", "trainer.max_steps=2", *SMALL_FORMATS), run_dir)
+    return run_dir
+
+
+def _model_tensors(path):
+    return {k: v for k, v in load_file(path).items() if k.startswith("model.")}
+
+
+def test_fine_tuning_starts_from_the_pretrained_model_tensors(make_cfg, tmp_path, pretrained_run):
+    # lr 0 (so weight decay is 0 too): the fine-tuned run's final model tensors are its initial ones
+    cfg = make_cfg("model=albef", "task=vqa", f"init_from={pretrained_run}", "trainer.lr=0", "trainer.max_steps=1")
+    run_dir = tmp_path / "finetune"
+    result = run(cfg, run_dir)
+    source = _model_tensors(pretrained_run / "checkpoints" / "best.safetensors")
+    finetuned = _model_tensors(run_dir / "checkpoints" / "last.safetensors")
+    assert source.keys() == finetuned.keys() and len(source) > 50
+    assert all(torch.equal(source[k], finetuned[k]) for k in source)
+    assert result["init_from"] == str(pretrained_run)
+    report = json.loads((run_dir / "manifest.json").read_text())["init_from"]
+    assert report["checkpoint"] == "best" and report["model_tensors_loaded"] == len(source)
+    assert report["head"] == "initialised fresh" and len(report["sha256"]) == 16
+
+
+def test_scratch_and_pretrained_starts_differ(make_cfg, tmp_path, pretrained_run):
+    scratch = run(make_cfg("model=albef", "trainer.lr=0", "trainer.max_steps=1"), tmp_path / "a")
+    assert scratch["init_from"] is None
+    a = _model_tensors(tmp_path / "a" / "checkpoints" / "last.safetensors")
+    b = _model_tensors(pretrained_run / "checkpoints" / "best.safetensors")
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_different_architecture_is_refused_with_keys_and_config_differences(make_cfg, pretrained_run):
+    cfg = make_cfg("model=albef", "task=vqa", f"init_from={pretrained_run}", "model.fusion_layers=1")
+    with pytest.raises(VlbenchError) as error:
+        run(cfg, pretrained_run.parent / "bad")
+    message = str(error.value)
+    assert "not in this model" in message and "fusion" in message
+    assert "model.fusion_layers: 2 → 1" in message
+    assert not (pretrained_run.parent / "bad" / "result.json").exists()
+
+
+def test_another_model_family_is_refused(make_cfg, pretrained_run):
+    cfg = make_cfg("model=textonly", "task=vqa", f"init_from={pretrained_run}")
+    with pytest.raises(VlbenchError, match="missing from the checkpoint"):
+        run(cfg, pretrained_run.parent / "bad")
+
+
+def test_unfinished_runs_and_missing_paths_are_refused(make_cfg, tmp_path, pretrained_run):
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    with pytest.raises(VlbenchError, match=r"has not finished \(no result.json\)"):
+        run(make_cfg(f"init_from={unfinished}"), tmp_path / "x")
+    with pytest.raises(VlbenchError, match="no such run directory"):
+        run(make_cfg(f"init_from={tmp_path / 'nowhere'}"), tmp_path / "y")
+    not_weights = tmp_path / "weights.pt"
+    not_weights.write_bytes(b"\0")
+    with pytest.raises(VlbenchError, match="expected a run directory or a .safetensors"):
+        run(make_cfg(f"init_from={not_weights}"), tmp_path / "z")
+
+
+def test_a_checkpoint_file_of_an_unfinished_run_can_be_named(make_cfg, tmp_path, pretrained_run):
+    weights = pretrained_run / "checkpoints" / "last.safetensors"
+    result = run(make_cfg("model=albef", f"init_from={weights}", "trainer.max_steps=1"), tmp_path / "f")
+    assert result["init_from"] == str(pretrained_run)
+    report = json.loads((tmp_path / "f" / "manifest.json").read_text())["init_from"]
+    assert report["checkpoint"] == "file" and report["path"] == str(weights)

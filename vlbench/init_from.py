@@ -1,0 +1,138 @@
+"""``init_from=<run dir | .safetensors file>``: start a run from another run's model weights (pre-train → fine-tune).
+
+Why strict: a fine-tuning number is only comparable if we know the encoder really came from the pre-training run. Every
+tensor of the model must be found in the source with the same shape, and every model tensor of the source must be
+used; otherwise the run stops before training and names the keys (and the model-config differences that explain
+them). The task head is not part of the model: it starts fresh, which the report says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from vlbench.errors import VlbenchError
+from vlbench.results import config_differences
+
+MODEL_PREFIX = "model."  # TaskModel's model sub-module; "head." holds the task head
+_LISTED = 8  # keys named in an error before "... and N more"
+
+
+@dataclass
+class InitSource:
+    """Where the initial weights come from, as recorded in the run's manifest."""
+
+    weights: Path
+    run_dir: Path | None  # the source run, when init_from named one (its config explains mismatches)
+    checkpoint: str  # best | last | file
+    sha256: str
+
+    def describe(self) -> dict:
+        return {
+            "path": str(self.weights),
+            "run_dir": str(self.run_dir) if self.run_dir else None,
+            "checkpoint": self.checkpoint,
+            "sha256": self.sha256,
+        }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def resolve_init_source(value: str) -> InitSource:
+    """A finished run directory (its best checkpoint, else its last) or a ``.safetensors`` file of a run."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise VlbenchError(f"init_from={value}: expected a run directory or a .safetensors checkpoint")
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        return InitSource(path, run_dir, "file", _sha256(path))
+    if not path.is_dir():
+        raise VlbenchError(f"init_from={value}: no such run directory or checkpoint file")
+    if not (path / "result.json").exists():
+        raise VlbenchError(
+            f"init_from={value}: the run has not finished (no result.json); "
+            "name one of its checkpoints/*.safetensors to start from it anyway"
+        )
+    for name in ("best", "last"):
+        weights = path / "checkpoints" / f"{name}.safetensors"
+        if weights.exists():
+            return InitSource(weights, path, name, _sha256(weights))
+    raise VlbenchError(f"init_from={value}: no checkpoints/best.safetensors or last.safetensors in that run")
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_LISTED])
+    return shown + (f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
+
+
+def _model_config_hint(source: InitSource, model_cfg: DictConfig) -> str:
+    if source.run_dir is None or not (source.run_dir / "config.yaml").exists():
+        return ""
+    saved = OmegaConf.load(source.run_dir / "config.yaml")
+    ours = OmegaConf.to_container(model_cfg, resolve=True)
+    theirs = OmegaConf.to_container(saved.get("model", {}), resolve=True)
+    diffs = config_differences(theirs, ours, "model.")
+    return f" (model config differs from the source run: {'; '.join(diffs)})" if diffs else ""
+
+
+def load_init_weights(model: nn.Module, source: InitSource, model_cfg: DictConfig) -> dict:
+    """Copy the source's ``model.*`` tensors into ``model`` strictly; returns the report stored in the manifest."""
+    try:
+        saved = load_file(source.weights)
+    except (SafetensorError, OSError) as e:
+        raise VlbenchError(f"init_from={source.weights}: not a readable safetensors checkpoint ({e})") from e
+    theirs = {k[len(MODEL_PREFIX) :]: v for k, v in saved.items() if k.startswith(MODEL_PREFIX)}
+    head_keys = [k for k in saved if not k.startswith(MODEL_PREFIX)]
+    ours = model.state_dict()
+
+    # safetensors stores tied tensors once: a key missing from the file is fine when it shares storage with a key
+    # that is there (e.g. the MLM decoder tied to the word embeddings)
+    storage_of = {k: (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) for k, t in ours.items()}
+    present = {storage_of[k] for k in theirs if k in storage_of}
+    missing = [k for k in ours if k not in theirs and storage_of[k] not in present]
+    unexpected = [k for k in theirs if k not in ours]
+    wrong_shape = [
+        f"{k} {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}"
+        for k in theirs
+        if k in ours and theirs[k].shape != ours[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"not in this model: {_listing(unexpected)}")
+    if wrong_shape:
+        problems.append(f"shape differs (checkpoint vs model): {_listing(wrong_shape)}")
+    if problems:
+        hint = _model_config_hint(source, model_cfg)
+        raise VlbenchError(f"init_from={source.weights}: {'; '.join(problems)}{hint}")
+    with torch.no_grad():
+        for k, tensor in theirs.items():
+            ours[k].copy_(tensor)
+    return {
+        **source.describe(),
+        "model_tensors_loaded": len(theirs),
+        "source_head_tensors_ignored": len(head_keys),
+        "head": "initialised fresh",
+    }
+
+
+def describe_report(report: dict) -> str:
+    """One line for the console."""
+    return (
+        f"init_from: {report['model_tensors_loaded']} model tensors from {report['path']} "
+        f"({report['checkpoint']}, sha256 {report['sha256']}); task head initialised fresh"
+    )
