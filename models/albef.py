@@ -20,6 +20,12 @@ Choices the paper leaves open, and ours:
 - The shared-head joint encoding is the fusion encoder's [CLS] state (ALBEF has no pooler on the fusion output).
 - Nothing is pre-trained or downloaded by default; paper initialisation (DeiT / BERT-base weights) comes with the
   checkpoint import of a later issue.
+
+Native VQA head (``head=native``, the paper's): an answer decoder (``models/answer_decoder.py``) with as many layers
+as the fusion encoder, initialised from it (embeddings, fusion layers, MLM head — the reference's key remapping),
+causal self-attention and cross-attention to the fused question states; trained with the answers' LM loss weighted by
+their share of the soft scores, distilled from a momentum decoder reading the momentum encoders (``distill``/``alpha``);
+prediction ranks the candidate answers: top ``answer_rank_k`` by first-token probability, rescored by full likelihood.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from vlbench.models.answer_decoder import AnswerDecoder, answer_lm_loss, answer_pairs, pad_answers, rank_answers
 from vlbench.models.base import (
     Batch,
+    GenerativeAnswerHead,
     JointEncoding,
     ModelContext,
     ModelObjectives,
@@ -110,15 +118,30 @@ class ALBEF(VisionLanguageModel):
         self.register_buffer("id_queue", torch.full((cfg.queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
-    def native_head(self, kind: str, num_outputs: int) -> nn.Module | None:
-        return ModelObjectives() if kind in ("image_text_matcher", "pretrain") else None
+    def native_head(
+        self, kind: str, num_outputs: int, answer_token_ids: list[list[int]] | None = None
+    ) -> nn.Module | None:
+        if kind in ("image_text_matcher", "pretrain"):
+            return ModelObjectives()
+        if kind == "answer_classifier" and answer_token_ids is not None:
+            return AlbefAnswerHead(self, answer_token_ids)
+        return None
 
     # ----- the contract -----------------------------------------------------------------------------------------
     def encode(self, batch: Batch) -> JointEncoding:
-        image_tokens = self.online.visual_encoder.forward_features(batch["pixel_values"])
-        text_tokens = self.online.text_encoder(batch["input_ids"], batch["attention_mask"])
-        fused = self.online.fuse(text_tokens, batch["attention_mask"], image_tokens)
+        fused = self.fused_tokens(batch)
         return JointEncoding(pooled=fused[:, 0], tokens=fused, mask=batch["attention_mask"])
+
+    def fused_tokens(self, batch: Batch, momentum: bool = False) -> torch.Tensor:
+        """The fusion encoder's token states (B, L, H) of the online towers, or of the momentum ones."""
+        towers = self.momentum_model if momentum else self.online
+        image_tokens = towers.visual_encoder.forward_features(batch["pixel_values"])
+        text_tokens = towers.text_encoder(batch["input_ids"], batch["attention_mask"])
+        return towers.fuse(text_tokens, batch["attention_mask"], image_tokens)
+
+    @torch.no_grad()
+    def momentum_step(self) -> None:
+        momentum_update(self.online, self.momentum_model, self.cfg.momentum)
 
     def alpha_at(self, step: int) -> float:
         if not self.cfg.distill:
@@ -163,7 +186,7 @@ class ALBEF(VisionLanguageModel):
 
         with torch.no_grad():
             if self.training:
-                momentum_update(self.online, self.momentum_model, self.cfg.momentum)
+                self.momentum_step()
             image_tokens_m, image_feat_m = self.momentum_model.encode_image(batch["pixel_values"])
             _, text_feat_m = self.momentum_model.encode_text(input_ids, attention_mask)
 
@@ -240,3 +263,57 @@ class ALBEF(VisionLanguageModel):
         else:
             targets = hard
         return soft_cross_entropy(logits, targets)
+
+
+def decoder_from_fusion(towers: AlbefTowers, sizes: TextSizes, vocab_size: int) -> AnswerDecoder:
+    """The answer decoder initialised as the reference does: embeddings, fusion layers and MLM head copied (the
+    cross-attention reads the fused question states; its key/value are copied when their shapes allow)."""
+    layers = len(towers.fusion_encoder.layer)
+    decoder = AnswerDecoder(vocab_size, sizes, layers, context_size=sizes.hidden_size)
+    decoder.embeddings.load_state_dict(towers.text_encoder.embeddings.state_dict())
+    fusion, fresh = towers.fusion_encoder.state_dict(), decoder.encoder.state_dict()
+    decoder.encoder.load_state_dict({k: fusion[k] if fusion[k].shape == v.shape else v for k, v in fresh.items()})
+    decoder.lm_head.load_state_dict(towers.mlm_head.state_dict())
+    return decoder
+
+
+class AlbefAnswerHead(GenerativeAnswerHead):
+    """ALBEF's VQA head: answer decoder + momentum decoder over a fixed candidate list (see the module docstring)."""
+
+    def __init__(self, model: ALBEF, answer_token_ids: list[list[int]]):
+        super().__init__()
+        cfg = model.cfg
+        self.pad_id = model.ctx.pad_token_id
+        self.rank_k = cfg.answer_rank_k
+        self.momentum = cfg.momentum
+        self.decoder = decoder_from_fusion(model.online, TextSizes(**cfg.text), model.ctx.vocab_size)
+        self.decoder_m = copy.deepcopy(self.decoder).requires_grad_(False)
+        # derived from the task's answer vocabulary, so not saved with the weights
+        self.register_buffer("answer_ids", pad_answers(answer_token_ids, self.pad_id), persistent=False)
+
+    def answer_losses(self, model: ALBEF, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        mask = batch["attention_mask"]
+        rows, answers, weights = answer_pairs(batch["targets"])
+        if rows.numel() == 0:  # no question of the batch has a candidate answer: a zero that keeps the graph
+            return {"answer_lm": self.decoder.lm_head.dense.weight.sum() * 0.0}
+        fused = model.fused_tokens(batch)
+        ids = self.answer_ids[answers]
+        logits = self.decoder(ids, fused[rows], mask[rows])
+        teacher, alpha = None, model.alpha_at(step)
+        if model.cfg.distill:
+            with torch.no_grad():
+                if self.training:
+                    model.momentum_step()
+                    momentum_update(self.decoder, self.decoder_m, self.momentum)
+                fused_m = model.fused_tokens(batch, momentum=True)
+                teacher = self.decoder_m(ids, fused_m[rows], mask[rows])
+        per_answer = answer_lm_loss(logits, ids, self.pad_id, teacher, alpha)
+        return {"answer_lm": (weights * per_answer).sum() / mask.shape[0]}
+
+    def answer_scores(self, model: ALBEF, batch: Batch) -> torch.Tensor:
+        fused, mask = model.fused_tokens(batch), batch["attention_mask"]
+
+        def decode(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return self.decoder(ids, fused[rows], mask[rows])
+
+        return rank_answers(decode, self.answer_ids, fused.shape[0], self.pad_id, self.rank_k)

@@ -66,8 +66,13 @@ class VisionLanguageModel(nn.Module):
     def encode(self, batch: Batch) -> JointEncoding:
         raise NotImplementedError
 
-    def native_head(self, kind: str, num_outputs: int) -> nn.Module | None:
-        """The model's own head for a head kind (e.g. ``answer_classifier``), or None to use the task's shared head."""
+    def native_head(
+        self, kind: str, num_outputs: int, answer_token_ids: list[list[int]] | None = None
+    ) -> nn.Module | None:
+        """The model's own head for a head kind (e.g. ``answer_classifier``), or None to use the task's shared head.
+
+        ``answer_token_ids``: the task's candidate answers as token sequences ([CLS] answer [SEP]), for generative
+        answer heads; classifier heads need only ``num_outputs``."""
         return None
 
     def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
@@ -90,6 +95,20 @@ class VisionLanguageModel(nn.Module):
     def retrieval_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """The model's own retrieval fine-tuning objectives (``head=native`` on the retrieval task)."""
         raise NotImplementedError(f"{type(self).__name__} has no retrieval objectives of its own")
+
+
+class GenerativeAnswerHead(nn.Module):
+    """A native answer head that generates answers (scores a candidate list) instead of classifying the joint [CLS].
+
+    It reads the model's token states (and, for distillation, its momentum model) itself, so the task hands it the
+    model: ``answer_losses`` in training, ``answer_scores`` (B, num_candidates) for prediction (arg-max = answer).
+    """
+
+    def answer_losses(self, model: VisionLanguageModel, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def answer_scores(self, model: VisionLanguageModel, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class ModelObjectives(nn.Module):

@@ -30,9 +30,14 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
-        """x: (B, L, H); context: (B, S, C) (x itself when None); context_mask: (B, S) with 1/True = attend."""
+        """x: (B, L, H); context: (B, S, C) (x itself when None); context_mask: (B, S) with 1/True = attend;
+        causal: position i attends to positions ≤ i only (self-attention of a decoder)."""
         context = x if context is None else context
         b, length, hidden = x.shape
         heads = self.num_heads
@@ -42,6 +47,9 @@ class MultiHeadAttention(nn.Module):
 
         q, k, v = split(self.query(x)), split(self.key(context)), split(self.value(context))
         attn_mask = None if context_mask is None else context_mask.bool()[:, None, None, :]
+        if causal:
+            lower = torch.ones(length, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            attn_mask = lower if attn_mask is None else attn_mask & lower
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -82,8 +90,9 @@ class TransformerLayer(nn.Module):
         mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
-        x = self.attention_output(self.attention(x, context_mask=mask), x)
+        x = self.attention_output(self.attention(x, context_mask=mask, causal=causal), x)
         if self.has_cross_attention:
             if context is None:
                 raise ValueError("this layer has cross-attention: pass the other stream as `context`")
@@ -122,9 +131,9 @@ class TransformerStack(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(TransformerLayer(sizes, cross_attention_size) for _ in range(num_layers))
 
-    def forward(self, x, mask=None, context=None, context_mask=None) -> torch.Tensor:
+    def forward(self, x, mask=None, context=None, context_mask=None, causal: bool = False) -> torch.Tensor:
         for layer in self.layer:
-            x = layer(x, mask, context, context_mask)
+            x = layer(x, mask, context, context_mask, causal)
         return x
 
 

@@ -270,7 +270,9 @@ class LXMERT(VisionLanguageModel):
             batch.get("token_type_ids"),
         )
 
-    def native_head(self, kind: str, num_outputs: int) -> nn.Module | None:
+    def native_head(
+        self, kind: str, num_outputs: int, answer_token_ids: list[list[int]] | None = None
+    ) -> nn.Module | None:
         if kind == "answer_classifier":
             return LxmertAnswerHead(self.hidden_size, num_outputs)
         if kind == "pair_classifier":

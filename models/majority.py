@@ -57,7 +57,9 @@ class Majority(VisionLanguageModel):
         pooled = nn.functional.one_hot(batch["group_ids"], self.num_groups).float()
         return JointEncoding(pooled=pooled, tokens=pooled[:, None], mask=torch.ones_like(pooled[:, :1]))
 
-    def native_head(self, kind: str, num_outputs: int) -> nn.Module | None:
+    def native_head(
+        self, kind: str, num_outputs: int, answer_token_ids: list[list[int]] | None = None
+    ) -> nn.Module | None:
         if kind in ("answer_classifier", "pair_classifier"):
             return GroupCountClassifier(self.num_groups, num_outputs)
         return None

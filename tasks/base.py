@@ -121,6 +121,10 @@ class Task:
     def dataset(self, split: str) -> Dataset:
         raise NotImplementedError
 
+    def native_head_inputs(self) -> dict[str, Any]:
+        """What a model's native head may need from the task besides the output count (VQA: the answer candidates)."""
+        return {}
+
     def configure_for_model(self, model_cls: type) -> None:
         """Adapt to the model family before any split is read (pre-training adds QA pairs for LXMERT); no-op here."""
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from vlbench.data.files import read_json, require_keys
 from vlbench.errors import VlbenchError
-from vlbench.models.base import Batch
+from vlbench.models.base import Batch, GenerativeAnswerHead
 from vlbench.registry import TASKS
 from vlbench.tasks.answers import AnswerVocab, SharedAnswerHead
 from vlbench.tasks.base import EvalResult, Task, write_json_predictions
@@ -179,9 +179,25 @@ class VQATask(Task):
     def num_outputs(self) -> int:
         return len(self.vocab)
 
-    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def native_head_inputs(self) -> dict:
+        """The candidate answers as [CLS] answer [SEP] token sequences, for generative heads (ALBEF's decoder)."""
+        return {"answer_token_ids": self.tokenizer(list(self.vocab.answers))["input_ids"]}
+
+    def forward(self, model: nn.Module, head: nn.Module, batch: Batch, step: int):
+        """Classifier heads score the vocabulary from the joint encoding; a generative head returns its losses in
+        training and its candidate scores (same shape as a classifier's logits) in evaluation."""
+        if isinstance(head, GenerativeAnswerHead):
+            return head.answer_losses(model, batch, step) if head.training else head.answer_scores(model, batch)
+        return head(model.encode(batch), batch)
+
+    def loss(self, outputs: torch.Tensor | dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        if isinstance(outputs, dict):  # a generative head's own losses
+            return sum(outputs.values())
         targets = batch["targets"]
-        return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum") / targets.shape[0]
+        return F.binary_cross_entropy_with_logits(outputs.float(), targets, reduction="sum") / targets.shape[0]
+
+    def loss_terms(self, outputs) -> dict[str, float]:
+        return {k: float(v.detach()) for k, v in outputs.items()} if isinstance(outputs, dict) else {}
 
     def predict(self, logits: torch.Tensor, batch: Batch, split: str) -> list[dict]:
         examples = self._splits[split][0]

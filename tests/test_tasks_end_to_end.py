@@ -157,3 +157,18 @@ def test_retrieval_auto_scoring_uses_itc_only_when_the_model_trained_it(make_cfg
     _, visual_batch, _ = task.eval_inputs("val")
     assert task._scoring_for(model, native=True, visual_batch=visual_batch) == "itc_itm"
     assert task._scoring_for(model, native=False, visual_batch=visual_batch) == "itm"
+
+
+def test_vqa_with_albef_native_answer_decoder(make_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(make_cfg("model=albef", "task=vqa", "head=native", "model.answer_rank_k=4"), run_dir)
+    assert result["head"] == "native" and 0.0 <= result["metrics"]["accuracy"] <= 100.0
+    logged = [entry for entry in _metrics_log(run_dir) if "train/loss" in entry]
+    assert all(entry["train/answer_lm"] == pytest.approx(entry["train/loss"]) for entry in logged)
+    predictions = json.loads((run_dir / "predictions_test.json").read_text())
+    assert predictions and all(isinstance(p["answer"], str) and p["answer"] for p in predictions)
+
+
+def test_a_native_head_the_model_lacks_is_refused(make_cfg, tmp_path):
+    with pytest.raises(VlbenchError, match="no native head for task gqa"):
+        run(make_cfg("model=albef", "task=gqa", "head=native", *SMALL_FORMATS), tmp_path / "run")

@@ -262,8 +262,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         num_groups=task.num_groups,
     )
     model: VisionLanguageModel = model_cls(cfg.model, ctx)
+    init_report = None
+    if cfg.init_from and resume_state is None:  # a resumed run reloads its own weights below
+        init_report = load_init_weights(model, resolve_init_source(cfg.init_from), cfg.model)
+        tqdm.write(describe_report(init_report))
+    # after init_from: a native head may start from the model's weights (ALBEF's answer decoder copies the fusion)
     if cfg.head == "native":
-        head = model.native_head(task.head_kind, task.num_outputs)
+        head = model.native_head(task.head_kind, task.num_outputs, **task.native_head_inputs())
         if head is None:
             raise VlbenchError(
                 f"head=native: model {cfg.model.name} has no native head for task {task.name}; use head=shared"
@@ -272,10 +277,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         head = task.build_shared_head(model.hidden_size)
     else:
         raise VlbenchError(f"head={cfg.head!r}: expected shared or native")
-    init_report = None
-    if cfg.init_from and resume_state is None:  # a resumed run reloads its own weights below
-        init_report = load_init_weights(model, resolve_init_source(cfg.init_from), cfg.model)
-        tqdm.write(describe_report(init_report))
     net = TaskModel(model, head, task).to(device)
     ectx = eval_context(cfg, device)
 

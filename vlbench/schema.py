@@ -188,6 +188,7 @@ class AlbefModelConfig(ModelConfig):
     alpha: float = 0.4
     alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these steps (the paper: the first epoch)
     mlm_probability: float = 0.15
+    answer_rank_k: int = 128  # native VQA: candidates rescored by full likelihood (top-k by first-token probability)
 
 
 @dataclass
