@@ -26,6 +26,12 @@ as the fusion encoder, initialised from it (embeddings, fusion layers, MLM head 
 causal self-attention and cross-attention to the fused question states; trained with the answers' LM loss weighted by
 their share of the soft scores, distilled from a momentum decoder reading the momentum encoders (``distill``/``alpha``);
 prediction ranks the candidate answers: top ``answer_rank_k`` by first-token probability, rescored by full likelihood.
+
+Native NLVR2 head (``head=native``): every fusion layer reads both images (``TwinCrossAttentionLayer``: one
+cross-attention per image, both starting as the pre-trained one, merged by a linear layer — ``nlvr_merge``), an MLP on
+[CLS] classifies; ``task=nlvr2_ta`` trains the same head on text assignment first (first / second / neither image,
+hard negatives by ITC similarity), and ``init_from`` carries it to NLVR2. Our choices: the model's single-image fusion
+layers stay in the checkpoint unused by this head; no momentum distillation for NLVR2 (as the reference's NLVR config).
 """
 
 from __future__ import annotations
@@ -45,9 +51,17 @@ from vlbench.models.base import (
     ModelContext,
     ModelObjectives,
     TextSizes,
+    TwoImageHead,
     VisionLanguageModel,
 )
-from vlbench.models.layers import MaskedLMHead, TextEncoder, TransformerStack, build_vit, init_bert_weights
+from vlbench.models.layers import (
+    MaskedLMHead,
+    TextEncoder,
+    TransformerStack,
+    TwinCrossAttentionLayer,
+    build_vit,
+    init_bert_weights,
+)
 from vlbench.models.losses import (
     distillation_targets,
     enqueue,
@@ -56,6 +70,7 @@ from vlbench.models.losses import (
     momentum_update,
     sample_hard_negatives,
     soft_cross_entropy,
+    text_assignment_pairs,
 )
 from vlbench.registry import MODELS
 
@@ -125,6 +140,8 @@ class ALBEF(VisionLanguageModel):
             return ModelObjectives()
         if kind == "answer_classifier" and answer_token_ids is not None:
             return AlbefAnswerHead(self, answer_token_ids)
+        if kind in ("pair_classifier", "text_assignment"):
+            return AlbefTwoImageHead(self)
         return None
 
     # ----- the contract -----------------------------------------------------------------------------------------
@@ -317,3 +334,44 @@ class AlbefAnswerHead(GenerativeAnswerHead):
             return self.decoder(ids, fused[rows], mask[rows])
 
         return rank_answers(decode, self.answer_ids, fused.shape[0], self.pad_id, self.rank_k)
+
+
+class AlbefTwoImageHead(TwoImageHead):
+    """ALBEF's NLVR2 head: twin-cross-attention copies of the fusion layers, an MLP (hidden → ReLU → 2) for NLVR2 and
+    a linear 3-way text-assignment head, both on the fused [CLS]."""
+
+    def __init__(self, model: ALBEF):
+        super().__init__()
+        hidden = model.hidden_size
+        self.layers = nn.ModuleList(
+            TwinCrossAttentionLayer(layer, model.cfg.nlvr_merge) for layer in model.online.fusion_encoder.layer
+        )
+        self.cls_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        self.ta_head = nn.Linear(hidden, 3)
+        init_bert_weights(self.cls_head)
+        init_bert_weights(self.ta_head)
+
+    def fuse(self, text_tokens, attention_mask, images: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The fused [CLS] (B, H) of a text with two images' tokens."""
+        masks = tuple(torch.ones(im.shape[:2], dtype=torch.bool, device=im.device) for im in images)
+        x = text_tokens
+        for layer in self.layers:
+            x = layer(x, attention_mask, images, masks)
+        return x[:, 0]
+
+    def pair_logits(self, model: ALBEF, first: Batch, second: Batch) -> torch.Tensor:
+        towers = model.online
+        images = tuple(towers.visual_encoder.forward_features(b["pixel_values"]) for b in (first, second))
+        text = towers.text_encoder(first["input_ids"], first["attention_mask"])
+        return self.cls_head(self.fuse(text, first["attention_mask"], images))
+
+    def assignment_logits(self, model: ALBEF, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        towers = model.online
+        image_tokens, image_feat = towers.encode_image(batch["pixel_values"])
+        text_tokens, text_feat = towers.encode_text(batch["input_ids"], batch["attention_mask"])
+        ids = batch.get("image_ids")
+        same_image = None if ids is None else ids.view(-1, 1) == ids.view(1, -1)
+        sim_t2i = text_feat @ image_feat.t() / model.temp.detach()
+        first, second, labels = text_assignment_pairs(sim_t2i, same_image)
+        pooled = self.fuse(text_tokens, batch["attention_mask"], (image_tokens[first], image_tokens[second]))
+        return self.ta_head(pooled), labels

@@ -111,6 +111,20 @@ class GenerativeAnswerHead(nn.Module):
         raise NotImplementedError
 
 
+class TwoImageHead(nn.Module):
+    """A native head for a text about two images that runs the model's encoders itself (ALBEF's NLVR2 fusion reads
+    both images in every fusion layer): ``pair_logits`` for NLVR2 and ``assignment_logits`` for text assignment
+    (does the text match the first image, the second, or neither). One class for both, so an assignment-trained head
+    carries over to NLVR2 with ``init_from``."""
+
+    def pair_logits(self, model: VisionLanguageModel, first: Batch, second: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def assignment_logits(self, model: VisionLanguageModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, 3), labels (B,)) for in-batch image pairs built around each caption."""
+        raise NotImplementedError
+
+
 class ModelObjectives(nn.Module):
     """The native "head" of tasks whose native form is the model's own objectives and scores (ALBEF retrieval:
     ITC + ITM). It holds no parameters; the task sees it and calls the model's methods instead of a head."""

@@ -8,6 +8,8 @@ shapes), with attention through ``torch.nn.functional.scaled_dot_product_attenti
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,6 +99,53 @@ class TransformerLayer(nn.Module):
             if context is None:
                 raise ValueError("this layer has cross-attention: pass the other stream as `context`")
             x = self.crossattention_output(self.crossattention(x, context, context_mask), x)
+        return self.output(F.gelu(self.intermediate(x)), x)
+
+
+class TwinCrossAttentionLayer(nn.Module):
+    """A fusion layer that reads two images (ALBEF's NLVR2 layer), built from a single-image ``TransformerLayer``.
+
+    Self-attention and feed-forward are the layer's; its cross-attention and output projection are duplicated, one
+    per image, both starting as the layer's (the reference loads ``crossattention.self`` into ``self0``/``self1`` and
+    ``output.dense`` into ``dense0``/``dense1``). The two reads are merged by a linear layer over their concatenation
+    (``merge="linear"``, the reference for fusion layers) or averaged (``"mean"``), then dropout, residual, LayerNorm.
+    """
+
+    def __init__(self, layer: TransformerLayer, merge: str = "linear"):
+        super().__init__()
+        if not layer.has_cross_attention:
+            raise ValueError("a twin cross-attention layer is built from a layer with cross-attention")
+        if merge not in ("linear", "mean"):
+            raise ValueError(f"merge={merge!r}: expected linear or mean")
+        self.attention = copy.deepcopy(layer.attention)
+        self.attention_output = copy.deepcopy(layer.attention_output)
+        self.crossattention = nn.ModuleList(copy.deepcopy(layer.crossattention) for _ in range(2))
+        self.cross_dense = nn.ModuleList(copy.deepcopy(layer.crossattention_output.dense) for _ in range(2))
+        self.cross_dropout = copy.deepcopy(layer.crossattention_output.dropout)
+        self.cross_norm = copy.deepcopy(layer.crossattention_output.LayerNorm)
+        hidden = self.cross_norm.normalized_shape[0]
+        self.merge = nn.Linear(2 * hidden, hidden) if merge == "linear" else None
+        if self.merge is not None:
+            init_bert_weights(self.merge)
+        self.intermediate = copy.deepcopy(layer.intermediate)
+        self.output = copy.deepcopy(layer.output)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        contexts: tuple[torch.Tensor, torch.Tensor],
+        context_masks: tuple[torch.Tensor | None, torch.Tensor | None],
+    ) -> torch.Tensor:
+        x = self.attention_output(self.attention(x, context_mask=mask), x)
+        reads = [
+            dense(cross(x, context, context_mask))
+            for cross, dense, context, context_mask in zip(
+                self.crossattention, self.cross_dense, contexts, context_masks, strict=True
+            )
+        ]
+        merged = self.merge(torch.cat(reads, dim=-1)) if self.merge is not None else (reads[0] + reads[1]) / 2
+        x = self.cross_norm(self.cross_dropout(merged) + x)
         return self.output(F.gelu(self.intermediate(x)), x)
 
 

@@ -127,3 +127,32 @@ def enqueue(queue: torch.Tensor, start: int, features: torch.Tensor) -> None:
     """Write (B, D) features into a (D, Q) ring-buffer queue from column `start`, wrapping around."""
     index = (start + torch.arange(features.shape[0], device=queue.device)) % queue.shape[1]
     queue[:, index] = features.t().to(queue.dtype)
+
+
+def text_assignment_pairs(
+    sim_t2i: torch.Tensor, same_image: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ALBEF's text-assignment batches: for each text an image pair and a label, uniform over three cases —
+    0: (its image, a negative), 1: (a negative, its image), 2: (two different negatives) — negatives drawn
+    ∝ softmax(text→image similarity) over the batch, never the text's own image.
+
+    sim_t2i: (B, ≥B), first B columns the in-batch images; ``same_image`` (B, B) marks images equal to the text's.
+    Returns (first image index, second image index, label), each (B,).
+    """
+    batch = sim_t2i.shape[0]
+    if batch < 3:
+        raise ValueError("text assignment needs a batch of at least 3 pairs (two negatives per text)")
+    with torch.no_grad():
+        weights = F.softmax(sim_t2i[:, :batch].float(), dim=1) + 1e-4
+        own = torch.eye(batch, dtype=torch.bool, device=weights.device)
+        if same_image is not None:
+            own = own | same_image
+        weights = weights.masked_fill(own, 0)
+        lacking = (weights > 0).sum(dim=1) < 2  # fewer than two other images (one image's captions): any others
+        weights[lacking] = (~torch.eye(batch, dtype=torch.bool, device=weights.device))[lacking].float()
+        negatives = torch.multinomial(weights, 2)  # without replacement: two different negatives
+        labels = torch.randint(3, (batch,), device=weights.device)
+        rows = torch.arange(batch, device=weights.device)
+        first = torch.where(labels == 0, rows, negatives[:, 0])
+        second = torch.where(labels == 1, rows, torch.where(labels == 0, negatives[:, 0], negatives[:, 1]))
+    return first, second, labels

@@ -1,3 +1,3 @@
 """Tasks. Importing this package registers every task in ``vlbench.registry.TASKS``."""
 
-from vlbench.tasks import gqa, nlvr2, pretrain, retrieval, vqa  # noqa: F401  (registration side effects)
+from vlbench.tasks import gqa, nlvr2, nlvr2_ta, pretrain, retrieval, vqa  # noqa: F401  (registration side effects)

@@ -18,7 +18,7 @@ from torch import nn
 
 from vlbench.data.files import read_jsonl
 from vlbench.errors import VlbenchError
-from vlbench.models.base import Batch, JointEncoding
+from vlbench.models.base import Batch, JointEncoding, TwoImageHead
 from vlbench.models.layers import MLPClassifier
 from vlbench.registry import TASKS
 from vlbench.tasks.base import EvalResult, Task
@@ -119,8 +119,10 @@ class NLVR2Task(Task):
         return self._datasets[split]
 
     def forward(self, model: nn.Module, head: nn.Module, batch: Batch, step: int) -> torch.Tensor:
-        encodings = [model.encode(select_image(batch, k)) for k in (0, 1)]
-        return head(encodings, batch)
+        first, second = select_image(batch, 0), select_image(batch, 1)
+        if isinstance(head, TwoImageHead):  # the model's own fusion of both images (ALBEF)
+            return head.pair_logits(model, first, second)
+        return head([model.encode(first), model.encode(second)], batch)
 
     def build_shared_head(self, hidden_size: int) -> nn.Module:
         return PairClassifierHead(hidden_size, self.cfg.head_dropout)

@@ -4,6 +4,8 @@ import csv
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from vlbench.errors import VlbenchError
 from vlbench.runner import run
@@ -172,3 +174,29 @@ def test_vqa_with_albef_native_answer_decoder(make_cfg, tmp_path):
 def test_a_native_head_the_model_lacks_is_refused(make_cfg, tmp_path):
     with pytest.raises(VlbenchError, match="no native head for task gqa"):
         run(make_cfg("model=albef", "task=gqa", "head=native", *SMALL_FORMATS), tmp_path / "run")
+
+
+def test_nlvr2_after_text_assignment_with_albef_native_heads(make_cfg, tmp_path):
+    ta_dir = tmp_path / "ta"
+    ta = run(make_cfg("model=albef", "task=nlvr2_ta", "head=native", *SMALL_FORMATS), ta_dir)
+    assert set(ta["metrics"]) == {"accuracy", "accuracy/first", "accuracy/second", "accuracy/neither"}
+    predictions = json.loads((ta_dir / "predictions_test.json").read_text())
+    assert {p["label"] for p in predictions} <= {"first", "second", "neither"}
+
+    nlvr_dir = tmp_path / "nlvr2"
+    cfg = make_cfg("model=albef", "task=nlvr2", "head=native", f"init_from={ta_dir}", "trainer.lr=0", *SMALL_FORMATS)
+    result = run(cfg, nlvr_dir)
+    assert result["init_from"] == str(ta_dir)
+    report = json.loads((nlvr_dir / "manifest.json").read_text())["init_from"]
+    assert report["head"] == "loaded from the source run (same head)"
+    before = load_file(ta_dir / "checkpoints" / "best.safetensors")
+    after = load_file(nlvr_dir / "checkpoints" / "last.safetensors")
+    twin = [k for k in before if k.startswith("head.layers.")]
+    assert twin and all(torch.equal(before[k], after[k]) for k in twin)  # lr 0: the assignment-trained fusion
+
+
+def test_text_assignment_needs_a_native_two_image_head(make_cfg, tmp_path):
+    with pytest.raises(VlbenchError, match="use head=native"):
+        run(make_cfg("model=albef", "task=nlvr2_ta", "head=shared", *SMALL_FORMATS), tmp_path / "a")
+    with pytest.raises(VlbenchError, match="no native head for task nlvr2_ta"):
+        run(make_cfg("model=textonly", "task=nlvr2_ta", "head=native", *SMALL_FORMATS), tmp_path / "b")

@@ -3,7 +3,9 @@
 Why strict: a fine-tuning number is only comparable if we know the encoder really came from the pre-training run. Every
 tensor of the model must be found in the source with the same shape, and every model tensor of the source must be
 used; otherwise the run stops before training and names the keys (and the model-config differences that explain
-them). The task head is not part of the model: it starts fresh, which the report says.
+them). The task head is not part of the model: it starts fresh — unless the source run's head is the same head
+(identical tensor names and shapes, e.g. ALBEF's two-image head from text assignment to NLVR2), then it is loaded too.
+The report says which.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from torch import nn
 from vlbench.errors import VlbenchError
 from vlbench.results import config_differences
 
-MODEL_PREFIX = "model."  # TaskModel's model sub-module; "head." holds the task head
+MODEL_PREFIX = "model."  # TaskModel's model sub-module
+HEAD_PREFIX = "head."  # TaskModel's task head
 _LISTED = 8  # keys named in an error before "... and N more"
 
 
@@ -88,18 +91,19 @@ def _model_config_hint(source: InitSource, model_cfg: DictConfig) -> str:
     return f" (model config differs from the source run: {'; '.join(diffs)})" if diffs else ""
 
 
-def load_init_weights(model: nn.Module, source: InitSource, model_cfg: DictConfig) -> dict:
-    """Copy the source's ``model.*`` tensors into ``model`` strictly; returns the report stored in the manifest."""
+def _read(source: InitSource) -> dict[str, torch.Tensor]:
     try:
-        saved = load_file(source.weights)
+        return load_file(source.weights)
     except (SafetensorError, OSError) as e:
         raise VlbenchError(f"init_from={source.weights}: not a readable safetensors checkpoint ({e})") from e
-    theirs = {k[len(MODEL_PREFIX) :]: v for k, v in saved.items() if k.startswith(MODEL_PREFIX)}
-    head_keys = [k for k in saved if not k.startswith(MODEL_PREFIX)]
-    ours = model.state_dict()
 
-    # safetensors stores tied tensors once: a key missing from the file is fine when it shares storage with a key
-    # that is there (e.g. the MLM decoder tied to the word embeddings)
+
+def _compare(module: nn.Module, theirs: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrong shape) keys of ``theirs`` against ``module``'s state dict.
+
+    safetensors stores tied tensors once: a key missing from the file is fine when it shares storage with a key that
+    is there (e.g. the MLM decoder tied to the word embeddings)."""
+    ours = module.state_dict()
     storage_of = {k: (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) for k, t in ours.items()}
     present = {storage_of[k] for k in theirs if k in storage_of}
     missing = [k for k in ours if k not in theirs and storage_of[k] not in present]
@@ -109,6 +113,21 @@ def load_init_weights(model: nn.Module, source: InitSource, model_cfg: DictConfi
         for k in theirs
         if k in ours and theirs[k].shape != ours[k].shape
     ]
+    return missing, unexpected, wrong_shape
+
+
+def _copy_into(module: nn.Module, theirs: dict[str, torch.Tensor]) -> None:
+    ours = module.state_dict()
+    with torch.no_grad():
+        for k, tensor in theirs.items():
+            ours[k].copy_(tensor)
+
+
+def load_init_weights(model: nn.Module, source: InitSource, model_cfg: DictConfig) -> dict:
+    """Copy the source's ``model.*`` tensors into ``model`` strictly; returns the report stored in the manifest."""
+    saved = _read(source)
+    theirs = {k[len(MODEL_PREFIX) :]: v for k, v in saved.items() if k.startswith(MODEL_PREFIX)}
+    missing, unexpected, wrong_shape = _compare(model, theirs)
     problems = []
     if missing:
         problems.append(f"missing from the checkpoint: {_listing(missing)}")
@@ -119,20 +138,26 @@ def load_init_weights(model: nn.Module, source: InitSource, model_cfg: DictConfi
     if problems:
         hint = _model_config_hint(source, model_cfg)
         raise VlbenchError(f"init_from={source.weights}: {'; '.join(problems)}{hint}")
-    with torch.no_grad():
-        for k, tensor in theirs.items():
-            ours[k].copy_(tensor)
+    _copy_into(model, theirs)
     return {
         **source.describe(),
         "model_tensors_loaded": len(theirs),
-        "source_head_tensors_ignored": len(head_keys),
+        "source_head_tensors": sum(1 for k in saved if k.startswith(HEAD_PREFIX)),
         "head": "initialised fresh",
     }
+
+
+def load_matching_head(head: nn.Module, source: InitSource, report: dict) -> None:
+    """Load the source's head when it is the same head (same tensor names and shapes); record the outcome."""
+    theirs = {k[len(HEAD_PREFIX) :]: v for k, v in _read(source).items() if k.startswith(HEAD_PREFIX)}
+    if theirs and not any(_compare(head, theirs)):
+        _copy_into(head, theirs)
+        report["head"] = "loaded from the source run (same head)"
 
 
 def describe_report(report: dict) -> str:
     """One line for the console."""
     return (
         f"init_from: {report['model_tensors_loaded']} model tensors from {report['path']} "
-        f"({report['checkpoint']}, sha256 {report['sha256']}); task head initialised fresh"
+        f"({report['checkpoint']}, sha256 {report['sha256']}); task head {report['head']}"
     )

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from vlbench.data.sources import resolve_data_root
 from vlbench.data.text import load_tokenizer
 from vlbench.errors import VlbenchError
-from vlbench.init_from import describe_report, load_init_weights, resolve_init_source
+from vlbench.init_from import describe_report, load_init_weights, load_matching_head, resolve_init_source
 from vlbench.loggers import build_logger
 from vlbench.models.base import ModelContext, VisionLanguageModel
 from vlbench.registry import MODELS, TASKS
@@ -262,10 +262,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         num_groups=task.num_groups,
     )
     model: VisionLanguageModel = model_cls(cfg.model, ctx)
-    init_report = None
+    init_report, init_source = None, None
     if cfg.init_from and resume_state is None:  # a resumed run reloads its own weights below
-        init_report = load_init_weights(model, resolve_init_source(cfg.init_from), cfg.model)
-        tqdm.write(describe_report(init_report))
+        init_source = resolve_init_source(cfg.init_from)
+        init_report = load_init_weights(model, init_source, cfg.model)
     # after init_from: a native head may start from the model's weights (ALBEF's answer decoder copies the fusion)
     if cfg.head == "native":
         head = model.native_head(task.head_kind, task.num_outputs, **task.native_head_inputs())
@@ -277,6 +277,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         head = task.build_shared_head(model.hidden_size)
     else:
         raise VlbenchError(f"head={cfg.head!r}: expected shared or native")
+    if init_source is not None:
+        load_matching_head(head, init_source, init_report)
+        tqdm.write(describe_report(init_report))
     net = TaskModel(model, head, task).to(device)
     ectx = eval_context(cfg, device)
 

@@ -144,6 +144,13 @@ class RetrievalTaskConfig(TaskConfig):
 
 
 @dataclass
+class TextAssignmentTaskConfig(TaskConfig):
+    name: str = "nlvr2_ta"
+    main_metric: str = "accuracy"  # 3-way: the text matches the first image, the second, or neither
+    include_restval: bool = True
+
+
+@dataclass
 class PretrainTaskConfig(TaskConfig):
     name: str = "pretrain"
     main_metric: str = "loss"  # validation loss of the summed objectives (lower is better)
@@ -189,6 +196,7 @@ class AlbefModelConfig(ModelConfig):
     alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these steps (the paper: the first epoch)
     mlm_probability: float = 0.15
     answer_rank_k: int = 128  # native VQA: candidates rescored by full likelihood (top-k by first-token probability)
+    nlvr_merge: str = "linear"  # native NLVR2: the two images' cross-attention reads merged by a linear layer | mean
 
 
 @dataclass
@@ -262,6 +270,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "nlvr2": NLVR2TaskConfig,
         "retrieval": RetrievalTaskConfig,
         "pretrain": PretrainTaskConfig,
+        "nlvr2_ta": TextAssignmentTaskConfig,
     },
     "data": {"data": DataConfig},
     "scale": {"scale": ScaleConfig},

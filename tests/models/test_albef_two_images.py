@@ -1,0 +1,73 @@
+"""ALBEF's two-image fusion (NLVR2 native head) and text-assignment pairs."""
+
+import torch
+
+from tests.models.test_albef import make_batch, tiny_albef
+from vlbench.models.base import TextSizes
+from vlbench.models.layers import TransformerLayer, TwinCrossAttentionLayer
+from vlbench.models.losses import text_assignment_pairs
+
+SIZES = TextSizes(hidden_size=16, num_heads=2, intermediate_size=32, dropout=0.0, max_position_embeddings=8)
+
+
+def test_twin_layer_starts_as_the_single_image_layer():
+    torch.manual_seed(0)
+    layer = TransformerLayer(SIZES, cross_attention_size=16).eval()
+    twin = TwinCrossAttentionLayer(layer, merge="mean").eval()
+    x, image, other = torch.randn(2, 5, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    mask, image_mask = torch.ones(2, 5), torch.ones(2, 7)
+    single = layer(x, mask, image, image_mask)
+    # both copies start as the layer's cross-attention: the same image twice reads exactly as the single layer
+    assert torch.allclose(twin(x, mask, (image, image), (image_mask, image_mask)), single, atol=1e-6)
+    assert not torch.allclose(twin(x, mask, (image, other), (image_mask, image_mask)), single, atol=1e-3)
+    linear = TwinCrossAttentionLayer(layer, merge="linear")
+    assert linear.merge.weight.shape == (16, 32)
+    assert torch.equal(linear.crossattention[0].key.weight, linear.crossattention[1].key.weight)
+    assert linear.crossattention[0].key.weight is not linear.crossattention[1].key.weight  # trained apart
+
+
+def test_text_assignment_pairs_are_balanced_and_correct():
+    torch.manual_seed(0)
+    batch = 6
+    image_ids = torch.tensor([0, 0, 1, 2, 3, 4])  # captions 0 and 1 show the same image
+    same = image_ids.view(-1, 1) == image_ids.view(1, -1)
+    counts = torch.zeros(3)
+    for _ in range(300):
+        first, second, labels = text_assignment_pairs(torch.randn(batch, batch), same)
+        counts += torch.bincount(labels, minlength=3)
+        rows = torch.arange(batch)
+        own_first = image_ids[first] == image_ids[rows]
+        own_second = image_ids[second] == image_ids[rows]
+        assert torch.equal(own_first, labels == 0) and torch.equal(own_second, labels == 1)
+        assert (first != second).all()  # two different images, never the same one twice
+    shares = counts / counts.sum()
+    assert ((shares - 1 / 3).abs() < 0.03).all(), shares
+
+
+def test_albef_two_image_head_trains_its_twin_layers_and_the_encoders():
+    model = tiny_albef()
+    head = model.native_head("pair_classifier", 2)
+    assert head is not None and model.native_head("text_assignment", 3).__class__ is head.__class__
+    first, second = make_batch(), make_batch()
+    second["pixel_values"] = torch.randn_like(second["pixel_values"])
+    logits = head.pair_logits(model, first, second)
+    assert logits.shape == (4, 2)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])).backward()
+    for name, module in (("twin", head.layers), ("vit", model.online.visual_encoder),
+                         ("text", model.online.text_encoder)):  # fmt: skip
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
+    assert all(p.grad is None for p in model.online.fusion_encoder.parameters())  # replaced by the twin copies
+    assert all(p.grad is None for p in head.ta_head.parameters())
+
+
+def test_albef_assignment_logits_and_labels():
+    model = tiny_albef()
+    head = model.native_head("text_assignment", 3)
+    batch = make_batch()
+    batch["image_ids"] = torch.arange(4)
+    torch.manual_seed(3)
+    logits, labels = head.assignment_logits(model, batch)
+    assert logits.shape == (4, 3) and labels.shape == (4,) and set(labels.tolist()) <= {0, 1, 2}
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    assert head.ta_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in head.cls_head.parameters())
