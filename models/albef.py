@@ -18,8 +18,9 @@ Choices the paper leaves open, and ours:
 - The queue is a ring buffer that wraps around, so its size need not be a multiple of the batch size (the reference
   asserts divisibility).
 - The shared-head joint encoding is the fusion encoder's [CLS] state (ALBEF has no pooler on the fusion output).
-- Nothing is pre-trained or downloaded by default; paper initialisation (DeiT / BERT-base weights) comes with the
-  checkpoint import of a later issue.
+- Nothing is pre-trained or downloaded by default; the paper's initialisation comes from a user's local files:
+  ``model.vit_init`` (timm ViT / DeiT weights), ``model.bert_init`` (BERT-base), or ``model.init_checkpoint`` (the
+  official ALBEF release), with the key map in ``models/albef_checkpoint.py``.
 
 Native VQA head (``head=native``, the paper's): an answer decoder (``models/answer_decoder.py``) with as many layers
 as the fusion encoder, initialised from it (embeddings, fusion layers, MLM head — the reference's key remapping),
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from vlbench.models.albef_checkpoint import load_bert_weights, load_official_checkpoint, load_vit_weights
 from vlbench.models.answer_decoder import AnswerDecoder, answer_lm_loss, answer_pairs, pad_answers, rank_answers
 from vlbench.models.base import (
     Batch,
@@ -54,6 +56,7 @@ from vlbench.models.base import (
     TwoImageHead,
     VisionLanguageModel,
 )
+from vlbench.models.checkpoints import resample_pos_embed
 from vlbench.models.layers import (
     MaskedLMHead,
     TextEncoder,
@@ -132,6 +135,28 @@ class ALBEF(VisionLanguageModel):
         # image ids of the queued features (-1: unknown), so a caption's other captions are positives, not negatives
         self.register_buffer("id_queue", torch.full((cfg.queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self._load_initial_weights()
+
+    def _load_initial_weights(self) -> None:
+        """Local files only (never downloaded): timm ViT and BERT weights as the paper starts, or an official ALBEF
+        checkpoint; see ``models/albef_checkpoint.py`` for the key map."""
+        cfg = self.cfg
+        if cfg.vit_init:
+            load_vit_weights(self, cfg.vit_init)
+        if cfg.bert_init:
+            load_bert_weights(self, cfg.bert_init)
+        if cfg.vit_init or cfg.bert_init:  # the momentum towers start as copies (the reference's copy_params)
+            self.momentum_model.load_state_dict(self.online.state_dict())
+        if cfg.init_checkpoint:
+            load_official_checkpoint(self, cfg.init_checkpoint)
+
+    def adapt_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Resample ViT position embeddings saved at another image size (pre-training 256 px → fine-tuning 384)."""
+        ours = self.state_dict()
+        return {
+            k: resample_pos_embed(v, ours[k].shape[1]) if k.endswith("visual_encoder.pos_embed") and k in ours else v
+            for k, v in state_dict.items()
+        }
 
     def native_head(
         self, kind: str, num_outputs: int, answer_token_ids: list[list[int]] | None = None

@@ -75,6 +75,11 @@ class VisionLanguageModel(nn.Module):
         answer heads; classifier heads need only ``num_outputs``."""
         return None
 
+    def adapt_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Adapt another run's weights to this configuration before they are loaded (e.g. ViT position embeddings
+        saved at another resolution); unchanged by default."""
+        return state_dict
+
     def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """The model's own pre-training objectives, each separately (the pretrain task sums and logs them)."""
         raise NotImplementedError(f"{type(self).__name__} has no pre-training objectives")

@@ -63,6 +63,7 @@ from vlbench.models.base import (
     TextSizes,
     VisionLanguageModel,
 )
+from vlbench.models.checkpoints import WB, bert_layer_pairs, read_state_dict
 from vlbench.models.layers import (
     MaskedLMHead,
     MLPClassifier,
@@ -439,26 +440,6 @@ class LXMERT(VisionLanguageModel):
 
 
 # ----- the reference's key layout (original release and transformers) ----------------------------------------------
-_WB = ("weight", "bias")
-
-
-def _bert_layer_pairs(ref: str, ours: str, attention: str, attention_output: str, intermediate: str, output: str):
-    """(reference key, our key) for one BERT layer whose sub-modules the reference names as given."""
-    pairs = [
-        (f"{ref}.{attention}.{proj}.{p}", f"{ours}.attention.{proj}.{p}")
-        for proj in ("query", "key", "value")
-        for p in _WB
-    ]
-    for ref_part, our_part in ((attention_output, "attention_output"), (output, "output")):
-        pairs += [
-            (f"{ref}.{ref_part}.{sub}.{p}", f"{ours}.{our_part}.{sub}.{p}")
-            for sub in ("dense", "LayerNorm")
-            for p in _WB
-        ]
-    pairs += [(f"{ref}.{intermediate}.{p}", f"{ours}.intermediate.{p}") for p in _WB]
-    return pairs
-
-
 def reference_key_pairs(l_layers: int, r_layers: int, x_layers: int) -> list[tuple[str, str]]:
     """Every (transformers/original key, our key) of an LXMERT with these depths, heads included."""
     pairs = [
@@ -477,23 +458,23 @@ def reference_key_pairs(l_layers: int, r_layers: int, x_layers: int) -> list[tup
         "box_fc": "box_proj",
         "box_layer_norm": "box_norm",
     }
-    pairs += [(f"lxmert.encoder.visn_fc.{r}.{p}", f"visual_embeddings.{o}.{p}") for r, o in visual.items() for p in _WB]
+    pairs += [(f"lxmert.encoder.visn_fc.{r}.{p}", f"visual_embeddings.{o}.{p}") for r, o in visual.items() for p in WB]
     bert = ("attention.self", "attention.output", "intermediate.dense", "output")
     for i in range(l_layers):
-        pairs += _bert_layer_pairs(f"lxmert.encoder.layer.{i}", f"language_encoder.layer.{i}", *bert)
+        pairs += bert_layer_pairs(f"lxmert.encoder.layer.{i}", f"language_encoder.layer.{i}", *bert)
     for i in range(r_layers):
-        pairs += _bert_layer_pairs(f"lxmert.encoder.r_layers.{i}", f"object_encoder.layer.{i}", *bert)
+        pairs += bert_layer_pairs(f"lxmert.encoder.r_layers.{i}", f"object_encoder.layer.{i}", *bert)
     for i in range(x_layers):
         ref, ours = f"lxmert.encoder.x_layers.{i}", f"cross_encoder.{i}"
         pairs += [
             (f"{ref}.visual_attention.att.{q}.{p}", f"{ours}.cross_attention.{q}.{p}")
             for q in ("query", "key", "value")
-            for p in _WB
+            for p in WB
         ]
         pairs += [
             (f"{ref}.visual_attention.output.{s}.{p}", f"{ours}.cross_attention_output.{s}.{p}")
             for s in ("dense", "LayerNorm")
-            for p in _WB
+            for p in WB
         ]
         for stream, name in (("lang", "language"), ("visn", "vision")):
             parts = (
@@ -502,22 +483,22 @@ def reference_key_pairs(l_layers: int, r_layers: int, x_layers: int) -> list[tup
                 f"{stream}_inter.dense",
                 f"{stream}_output",
             )
-            pairs += _bert_layer_pairs(ref, f"{ours}.{name}", *parts)
-    pairs += [(f"lxmert.pooler.dense.{p}", f"pooler.{p}") for p in _WB]
-    pairs += [(f"cls.predictions.transform.{s}.{p}", f"mlm_head.{s}.{p}") for s in ("dense", "LayerNorm") for p in _WB]
+            pairs += bert_layer_pairs(ref, f"{ours}.{name}", *parts)
+    pairs += [(f"lxmert.pooler.dense.{p}", f"pooler.{p}") for p in WB]
+    pairs += [(f"cls.predictions.transform.{s}.{p}", f"mlm_head.{s}.{p}") for s in ("dense", "LayerNorm") for p in WB]
     pairs += [
         ("cls.predictions.bias", "mlm_head.decoder.bias"),
         ("cls.predictions.decoder.weight", "mlm_head.decoder.weight"),
     ]
-    pairs += [(f"cls.seq_relationship.{p}", f"match_head.{p}") for p in _WB]
+    pairs += [(f"cls.seq_relationship.{p}", f"match_head.{p}") for p in WB]
     pairs += [
-        (f"obj_predict_head.transform.{s}.{p}", f"object_head.{s}.{p}") for s in ("dense", "LayerNorm") for p in _WB
+        (f"obj_predict_head.transform.{s}.{p}", f"object_head.{s}.{p}") for s in ("dense", "LayerNorm") for p in WB
     ]
     pairs += [
-        (f"obj_predict_head.decoder_dict.{k}.{p}", f"object_head.{k}.{p}") for k in ("obj", "attr", "feat") for p in _WB
+        (f"obj_predict_head.decoder_dict.{k}.{p}", f"object_head.{k}.{p}") for k in ("obj", "attr", "feat") for p in WB
     ]
     pairs += [
-        (f"answer_head.logit_fc.{r}.{p}", f"qa_head.net.{o}.{p}") for r, o in ((0, 0), (2, 2), (3, 4)) for p in _WB
+        (f"answer_head.logit_fc.{r}.{p}", f"qa_head.net.{o}.{p}") for r, o in ((0, 0), (2, 2), (3, 4)) for p in WB
     ]
     return pairs
 
@@ -576,15 +557,4 @@ def to_transformers_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
 def load_lxmert_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a local reference checkpoint (``.safetensors``, or a torch ``.bin``/``.pth`` state dict such as the
     original ``model_LXRT.pth``) and convert it to our keys. Nothing is downloaded."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise VlbenchError(f"model.init_checkpoint={path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state_dict = load_file(path)
-    else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise VlbenchError(f"{path}: expected a state dict (name → tensor)")
-    return from_transformers_state_dict(state_dict)
+    return from_transformers_state_dict(read_state_dict(path, "model.init_checkpoint"))

@@ -127,6 +127,9 @@ def load_init_weights(model: nn.Module, source: InitSource, model_cfg: DictConfi
     """Copy the source's ``model.*`` tensors into ``model`` strictly; returns the report stored in the manifest."""
     saved = _read(source)
     theirs = {k[len(MODEL_PREFIX) :]: v for k, v in saved.items() if k.startswith(MODEL_PREFIX)}
+    adapt = getattr(model, "adapt_checkpoint", None)
+    if adapt is not None:  # e.g. ViT position embeddings resampled to this run's image size
+        theirs = adapt(theirs)
     missing, unexpected, wrong_shape = _compare(model, theirs)
     problems = []
     if missing:

@@ -197,6 +197,10 @@ class AlbefModelConfig(ModelConfig):
     mlm_probability: float = 0.15
     answer_rank_k: int = 128  # native VQA: candidates rescored by full likelihood (top-k by first-token probability)
     nlvr_merge: str = "linear"  # native NLVR2: the two images' cross-attention reads merged by a linear layer | mean
+    # initial weights from local files (never downloaded): timm ViT (e.g. DeiT-B/16), BERT, the official ALBEF release
+    vit_init: str | None = None
+    bert_init: str | None = None
+    init_checkpoint: str | None = None
 
 
 @dataclass

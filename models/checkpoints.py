@@ -1,0 +1,101 @@
+"""Reading reference checkpoints from local files: key-map helpers shared by the importers (LXMERT, ALBEF).
+
+Nothing here downloads: every path is a user's local file.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from vlbench.errors import VlbenchError
+
+WB = ("weight", "bias")
+
+
+def bert_layer_pairs(
+    ref: str,
+    ours: str,
+    attention: str = "attention.self",
+    attention_output: str = "attention.output",
+    intermediate: str = "intermediate.dense",
+    output: str = "output",
+) -> list[tuple[str, str]]:
+    """(reference key, our key) for one BERT layer (our ``TransformerLayer``) whose sub-modules the reference names
+    as given (defaults: BERT's own names)."""
+    pairs = [
+        (f"{ref}.{attention}.{proj}.{p}", f"{ours}.attention.{proj}.{p}")
+        for proj in ("query", "key", "value")
+        for p in WB
+    ]
+    for ref_part, our_part in ((attention_output, "attention_output"), (output, "output")):
+        pairs += [
+            (f"{ref}.{ref_part}.{sub}.{p}", f"{ours}.{our_part}.{sub}.{p}")
+            for sub in ("dense", "LayerNorm")
+            for p in WB
+        ]
+    pairs += [(f"{ref}.{intermediate}.{p}", f"{ours}.intermediate.{p}") for p in WB]
+    return pairs
+
+
+def bert_cross_attention_pairs(ref: str, ours: str) -> list[tuple[str, str]]:
+    """BERT's ``crossattention.self``/``crossattention.output`` (ALBEF's fusion layers) → ours."""
+    pairs = [
+        (f"{ref}.crossattention.self.{proj}.{p}", f"{ours}.crossattention.{proj}.{p}")
+        for proj in ("query", "key", "value")
+        for p in WB
+    ]
+    pairs += [
+        (f"{ref}.crossattention.output.{sub}.{p}", f"{ours}.crossattention_output.{sub}.{p}")
+        for sub in ("dense", "LayerNorm")
+        for p in WB
+    ]
+    return pairs
+
+
+def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local ``.safetensors`` or torch file (also a directory holding ``model.safetensors`` or
+    ``pytorch_model.bin``); a training checkpoint's ``{"model": ...}`` / ``{"state_dict": ...}`` is unwrapped."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise VlbenchError(f"{what}={path}: a directory without model.safetensors or pytorch_model.bin")
+    if not path.is_file():
+        raise VlbenchError(f"{what}={path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle/zip errors come in many types
+            raise VlbenchError(f"{what}={path}: not a readable torch checkpoint ({e})") from e
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VlbenchError(f"{what}={path}: expected a state dict (name → tensor)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, target_tokens: int, prefix_tokens: int = 1) -> torch.Tensor:
+    """A ViT's (1, prefix + H·W, D) position embeddings bicubically resampled to another square grid (fine-tuning at
+    a higher resolution than pre-training, as ALBEF's 256 → 384 px); unchanged when the grid already fits."""
+    from timm.layers import resample_abs_pos_embed
+
+    if pos_embed.shape[1] == target_tokens:
+        return pos_embed
+    old_side = math.isqrt(pos_embed.shape[1] - prefix_tokens)
+    new_side = math.isqrt(target_tokens - prefix_tokens)
+    if old_side**2 + prefix_tokens != pos_embed.shape[1] or new_side**2 + prefix_tokens != target_tokens:
+        raise VlbenchError(f"position embeddings of {pos_embed.shape[1]} tokens: not a square grid plus [CLS]")
+    return resample_abs_pos_embed(
+        pos_embed, new_size=[new_side, new_side], old_size=[old_side, old_side], num_prefix_tokens=prefix_tokens
+    )
