@@ -8,7 +8,7 @@ What we follow (see ../shared/specs/albef.md):
   to [temperature_min, temperature_max]; contrasted against in-batch momentum features plus feature queues.
 - Momentum model: an EMA copy (``momentum``) of every online tower (image, text, fusion, projections, MLM head); the
   momentum features fill the queues and give the distillation targets (weight ``alpha``, ramped from 0 over
-  ``alpha_warmup_steps`` — the paper ramps over the first epoch).
+  ``alpha_warmup_steps``, or ``alpha_warmup_epochs`` — the paper ramps over the first epoch).
 - ITM: binary classifier on the fusion [CLS], one hard negative text per image and one hard negative image per text,
   sampled ∝ softmax(ITC similarity) over the batch, positive excluded.
 - MLM: BERT 15 % masking (80/10/10), predicted by the fusion encoder conditioned on the image, distilled from the
@@ -38,6 +38,7 @@ layers stay in the checkpoint unused by this head; no momentum distillation for 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -188,9 +189,12 @@ class ALBEF(VisionLanguageModel):
     def alpha_at(self, step: int) -> float:
         if not self.cfg.distill:
             return 0.0
-        if self.cfg.alpha_warmup_steps <= 0:
+        warmup = self.cfg.alpha_warmup_steps
+        if self.cfg.alpha_warmup_epochs > 0 and self.ctx.steps_per_epoch > 0:
+            warmup = math.ceil(self.cfg.alpha_warmup_epochs * self.ctx.steps_per_epoch)
+        if warmup <= 0:
             return float(self.cfg.alpha)
-        return float(self.cfg.alpha) * min(1.0, step / self.cfg.alpha_warmup_steps)
+        return float(self.cfg.alpha) * min(1.0, step / warmup)
 
     def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """ITC + ITM + MLM as in the reference ``ALBEF.forward`` (pre-training), each returned separately."""

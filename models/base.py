@@ -45,6 +45,7 @@ class ModelContext:
     mask_token_id: int
     image_size: int
     num_groups: int = 1
+    steps_per_epoch: int = 0  # optimiser steps per pass over the training split (0: unknown); for schedules in epochs
 
 
 @dataclass

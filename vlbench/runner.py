@@ -235,9 +235,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         saved = record.saved_config()
         if saved is None or not record.has_checkpoint("last"):
             raise VlbenchError(f"resume={cfg.resume}: no config.yaml and checkpoints/last.* there to resume from")
-        diffs = config_differences(semantic_config(saved), semantic_config(cfg))
-        if diffs:
-            raise VlbenchError(f"resume={cfg.resume}: the config differs from the saved run: {'; '.join(diffs)}")
         resume_state = record.load_trainer_state("last")
 
     seed_everything(cfg.seed)
@@ -252,6 +249,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if model_cls.visual_input == "regions" and task.visual is not None:
         expected = OmegaConf.select(cfg, "model.visual_feature_dim", default=None)
         task.visual.require_feature_dim(expected, "model.visual_feature_dim")
+    train_set = task.dataset("train")
+    eval_split, test_split = tcfg.eval_split, tcfg.test_split
+    task.dataset(eval_split)
+    task.dataset(test_split)  # read every split before training: bad input fails now, not after an hour
+    micro_batches_per_epoch = len(train_set) // tcfg.batch_size
+    if micro_batches_per_epoch == 0:
+        raise VlbenchError(
+            f"trainer.batch_size={tcfg.batch_size}: larger than the training split ({len(train_set)} examples)"
+        )
+    steps_per_epoch = max(1, micro_batches_per_epoch // tcfg.grad_accum_steps)
+    if tcfg.epochs > 0:  # a budget in epochs (the papers' unit) becomes steps here, recorded in config.yaml
+        tcfg.max_steps = math.ceil(tcfg.epochs * steps_per_epoch)
+    if resume_state is not None:  # compared after the epoch budget became steps, as the saved config has it
+        diffs = config_differences(semantic_config(record.saved_config()), semantic_config(cfg))
+        if diffs:
+            raise VlbenchError(f"resume={cfg.resume}: the config differs from the saved run: {'; '.join(diffs)}")
     ctx = ModelContext(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
@@ -260,6 +273,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         mask_token_id=tokenizer.mask_token_id,
         image_size=cfg.data.image_size,
         num_groups=task.num_groups,
+        steps_per_epoch=steps_per_epoch,
     )
     model: VisionLanguageModel = model_cls(cfg.model, ctx)
     init_report, init_source = None, None
@@ -283,21 +297,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     net = TaskModel(model, head, task).to(device)
     ectx = eval_context(cfg, device)
 
-    train_set = task.dataset("train")
-    eval_split, test_split = tcfg.eval_split, tcfg.test_split
-    task.dataset(eval_split)
-    task.dataset(test_split)  # read every split before training: bad input fails now, not after an hour
     record.save_config(cfg)
 
     optimizer = build_optimizer(net, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, tcfg)) if optimizer else None
     params = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    micro_batches_per_epoch = len(train_set) // tcfg.batch_size
-    if micro_batches_per_epoch == 0:
-        raise VlbenchError(
-            f"trainer.batch_size={tcfg.batch_size}: larger than the training split ({len(train_set)} examples)"
-        )
 
     step, best_value, best_step = 0, -math.inf, None
     if resume_state is not None:

@@ -27,6 +27,7 @@ class ScaleConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
+    epochs: float = 0.0  # > 0: train this many passes over the training split (sets max_steps; the papers' unit)
     batch_size: int = 32
     eval_batch_size: int = 128
     grad_accum_steps: int = 1
@@ -193,7 +194,8 @@ class AlbefModelConfig(ModelConfig):
     momentum: float = 0.995
     distill: bool = True
     alpha: float = 0.4
-    alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these steps (the paper: the first epoch)
+    alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these steps
+    alpha_warmup_epochs: float = 0.0  # ... or over these epochs of the training split (the paper: 1); wins when > 0
     mlm_probability: float = 0.15
     answer_rank_k: int = 128  # native VQA: candidates rescored by full likelihood (top-k by first-token probability)
     nlvr_merge: str = "linear"  # native NLVR2: the two images' cross-attention reads merged by a linear layer | mean
