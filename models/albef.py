@@ -216,6 +216,18 @@ class ALBEF(VisionLanguageModel):
         """The ITM head's positive logit for each (image, text) pair of the batch: the reference's rerank score."""
         return self.itm_head(self.encode(batch).pooled)[:, 1]
 
+    def unimodal_tokens(self, batch: Batch) -> dict[str, torch.Tensor]:
+        tokens = {}
+        if "pixel_values" in batch:
+            tokens["image_tokens"] = self.online.visual_encoder.forward_features(batch["pixel_values"])
+        if "input_ids" in batch:
+            tokens["text_tokens"] = self.online.text_encoder(batch["input_ids"], batch["attention_mask"])
+        return tokens
+
+    def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
+        fused = self.online.fuse(tokens["text_tokens"], tokens["attention_mask"], tokens["image_tokens"])
+        return self.itm_head(fused[:, 0])[:, 1]
+
     def _align_and_match(self, batch: Batch, step: int):
         """ITC (+ momentum distillation, queues) and ITM with hard negatives; momentum/queue updates only in training.
 

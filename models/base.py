@@ -98,6 +98,16 @@ class VisionLanguageModel(nn.Module):
         """The model's own image-text matching score (B,) for each pair of the batch, or None."""
         return None
 
+    def unimodal_tokens(self, batch: Batch) -> dict[str, torch.Tensor] | None:
+        """Per-example unimodal encodings that ``match_scores_from_tokens`` fuses (ALBEF: image tokens from pixels,
+        text tokens from ids), so retrieval encodes each image and caption once and runs only the fusion per pair;
+        None when the model cannot split matching this way."""
+        return None
+
+    def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
+        """``match_scores`` from cached ``unimodal_tokens`` of a batch of pairs (plus ``attention_mask``)."""
+        raise NotImplementedError
+
     def retrieval_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """The model's own retrieval fine-tuning objectives (``head=native`` on the retrieval task)."""
         raise NotImplementedError(f"{type(self).__name__} has no retrieval objectives of its own")

@@ -150,6 +150,25 @@ def encode_eval_set(eval_set: EvalSet, tokenizer, max_text_len: int, visual: Vis
 
 
 @torch.no_grad()
+def cache_unimodal_tokens(model: nn.Module, visual_batch: dict, text_batch: dict, ctx: EvalContext) -> bool:
+    """Add the model's unimodal token encodings of every image and caption to the batches (CPU), once; False when
+    the model has none. ITM scoring then gathers them per pair instead of re-encoding (the reference does the same)."""
+    probe = to_device({k: v[:1] for k, v in visual_batch.items()}, ctx.device)
+    if not probe or model.unimodal_tokens(probe) is None:
+        return False
+    for batch in (visual_batch, text_batch):
+        count = next(iter(batch.values())).shape[0]
+        chunks: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, count, ctx.batch_size):
+            rows = to_device({k: v[start : start + ctx.batch_size] for k, v in batch.items()}, ctx.device)
+            with ctx.autocast():
+                for name, tokens in model.unimodal_tokens(rows).items():
+                    chunks.setdefault(name, []).append(tokens.float().cpu())
+        batch.update({name: torch.cat(parts) for name, parts in chunks.items()})
+    return True
+
+
+@torch.no_grad()
 def score_retrieval(
     model: nn.Module,
     match_fn,
@@ -291,7 +310,12 @@ class RetrievalTask(CaptionCorpusTask):
         images = eval_set.images
         model, head = net.model, net.head
         native = isinstance(head, ModelObjectives)
-        if native:
+        scoring = self._scoring_for(model, native, visual_batch, ctx.device)
+        if native and scoring != "itc" and cache_unimodal_tokens(model, visual_batch, text_batch, ctx):
+
+            def match_fn(pairs):  # only the fusion runs per pair: images and captions were encoded once
+                return model.match_scores_from_tokens(pairs)
+        elif native:
 
             def match_fn(pairs):
                 return model.match_scores(pairs)
@@ -300,7 +324,6 @@ class RetrievalTask(CaptionCorpusTask):
             def match_fn(pairs):
                 return head(model.encode(pairs), pairs)[:, 1]
 
-        scoring = self._scoring_for(model, native, visual_batch, ctx.device)
         i2t, t2i = score_retrieval(
             model, match_fn, visual_batch, text_batch, ctx, scoring, self.cfg.rerank_k, len(images)
         )
