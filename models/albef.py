@@ -67,6 +67,7 @@ from vlbench.models.layers import (
     init_bert_weights,
 )
 from vlbench.models.losses import (
+    all_gather_batch,
     distillation_targets,
     enqueue,
     image_text_contrastive_loss,
@@ -275,10 +276,14 @@ class ALBEF(VisionLanguageModel):
     def _dequeue_and_enqueue(
         self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, image_ids: torch.Tensor | None
     ) -> None:
+        # every process enqueues the momentum features of all processes' batches, in rank order (the reference's
+        # concat_all_gather), so the queues stay identical across processes
+        image_feat_m, text_feat_m = all_gather_batch(image_feat_m), all_gather_batch(text_feat_m)
         start = int(self.queue_ptr.item())
         enqueue(self.image_queue, start, image_feat_m)
         enqueue(self.text_queue, start, text_feat_m)
-        ids = image_ids if image_ids is not None else torch.full_like(self.id_queue[: image_feat_m.shape[0]], -1)
+        local = image_ids if image_ids is not None else torch.full_like(self.id_queue[: image_feat_m.shape[0]], -1)
+        ids = all_gather_batch(local) if image_ids is not None else local
         enqueue(self.id_queue.view(1, -1), start, ids.view(-1, 1).to(self.id_queue.dtype))
         self.queue_ptr.fill_((start + image_feat_m.shape[0]) % self.image_queue.shape[1])
 

@@ -122,6 +122,23 @@ def momentum_update(online: torch.nn.Module, momentum_model: torch.nn.Module, mo
         p_m.mul_(momentum).add_(p.detach(), alpha=1 - momentum)
 
 
+def all_gather_batch(tensor: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
+    """The concatenation over processes of every rank's (B, ...) tensor, in rank order; the tensor itself when not
+    distributed. ``with_grad``: gradients flow back to each rank's own slice (``torch.distributed.nn``'s all_gather),
+    otherwise the result is detached (ALBEF's ``concat_all_gather`` for the momentum features that fill the queues)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(tensor), dim=0)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
 @torch.no_grad()
 def enqueue(queue: torch.Tensor, start: int, features: torch.Tensor) -> None:
     """Write (B, D) features into a (D, Q) ring-buffer queue from column `start`, wrapping around."""
