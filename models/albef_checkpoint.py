@@ -31,7 +31,7 @@ from torch import nn
 from vlbench.errors import VlbenchError
 from vlbench.models.checkpoints import (
     WB,
-    bert_cross_attention_pairs,
+    attention_block_pairs,
     bert_layer_pairs,
     read_state_dict,
     resample_pos_embed,
@@ -54,7 +54,7 @@ def _text_pairs(ref: str, ours: str, text_layers: int, fusion_layers: int) -> li
         pairs += bert_layer_pairs(f"{ref}.bert.encoder.layer.{i}", f"{ours}.text_encoder.encoder.layer.{i}")
     for j in range(fusion_layers):
         layer_ref, layer_ours = f"{ref}.bert.encoder.layer.{text_layers + j}", f"{ours}.fusion_encoder.layer.{j}"
-        pairs += bert_layer_pairs(layer_ref, layer_ours) + bert_cross_attention_pairs(layer_ref, layer_ours)
+        pairs += bert_layer_pairs(layer_ref, layer_ours) + attention_block_pairs(layer_ref, layer_ours)
     pairs += [
         (f"{ref}.cls.predictions.transform.{s}.{p}", f"{ours}.mlm_head.{s}.{p}")
         for s in ("dense", "LayerNorm")

@@ -47,6 +47,19 @@ class ModelContext:
     num_groups: int = 1
     steps_per_epoch: int = 0  # optimiser steps per pass over the training split (0: unknown); for schedules in epochs
 
+    @classmethod
+    def for_tokenizer(cls, tokenizer, image_size: int, **extra) -> ModelContext:
+        """The context of a (transformers) tokenizer's vocabulary and special tokens."""
+        return cls(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            mask_token_id=tokenizer.mask_token_id,
+            image_size=image_size,
+            **extra,
+        )
+
 
 @dataclass
 class JointEncoding:

@@ -25,30 +25,29 @@ def bert_layer_pairs(
 ) -> list[tuple[str, str]]:
     """(reference key, our key) for one BERT layer (our ``TransformerLayer``) whose sub-modules the reference names
     as given (defaults: BERT's own names)."""
-    pairs = [
-        (f"{ref}.{attention}.{proj}.{p}", f"{ours}.attention.{proj}.{p}")
-        for proj in ("query", "key", "value")
-        for p in WB
-    ]
-    for ref_part, our_part in ((attention_output, "attention_output"), (output, "output")):
-        pairs += [
-            (f"{ref}.{ref_part}.{sub}.{p}", f"{ours}.{our_part}.{sub}.{p}")
-            for sub in ("dense", "LayerNorm")
-            for p in WB
-        ]
+    pairs = attention_block_pairs(ref, ours, attention, attention_output, "attention", "attention_output")
+    pairs += [(f"{ref}.{output}.{sub}.{p}", f"{ours}.output.{sub}.{p}") for sub in ("dense", "LayerNorm") for p in WB]
     pairs += [(f"{ref}.{intermediate}.{p}", f"{ours}.intermediate.{p}") for p in WB]
     return pairs
 
 
-def bert_cross_attention_pairs(ref: str, ours: str) -> list[tuple[str, str]]:
-    """BERT's ``crossattention.self``/``crossattention.output`` (ALBEF's fusion layers) → ours."""
+def attention_block_pairs(
+    ref: str,
+    ours: str,
+    ref_attention: str = "crossattention.self",
+    ref_output: str = "crossattention.output",
+    our_attention: str = "crossattention",
+    our_output: str = "crossattention_output",
+) -> list[tuple[str, str]]:
+    """An attention block (query/key/value, then dense + LayerNorm) → ours; defaults: the cross-attention of BERT's
+    fusion layers (ALBEF); LXMERT's cross-modality layers name theirs ``visual_attention.att``/``.output``."""
     pairs = [
-        (f"{ref}.crossattention.self.{proj}.{p}", f"{ours}.crossattention.{proj}.{p}")
+        (f"{ref}.{ref_attention}.{proj}.{p}", f"{ours}.{our_attention}.{proj}.{p}")
         for proj in ("query", "key", "value")
         for p in WB
     ]
     pairs += [
-        (f"{ref}.crossattention.output.{sub}.{p}", f"{ours}.crossattention_output.{sub}.{p}")
+        (f"{ref}.{ref_output}.{sub}.{p}", f"{ours}.{our_output}.{sub}.{p}")
         for sub in ("dense", "LayerNorm")
         for p in WB
     ]

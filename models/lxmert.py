@@ -63,7 +63,7 @@ from vlbench.models.base import (
     TextSizes,
     VisionLanguageModel,
 )
-from vlbench.models.checkpoints import WB, bert_layer_pairs, read_state_dict
+from vlbench.models.checkpoints import WB, attention_block_pairs, bert_layer_pairs, read_state_dict
 from vlbench.models.layers import (
     MaskedLMHead,
     MLPClassifier,
@@ -466,16 +466,9 @@ def reference_key_pairs(l_layers: int, r_layers: int, x_layers: int) -> list[tup
         pairs += bert_layer_pairs(f"lxmert.encoder.r_layers.{i}", f"object_encoder.layer.{i}", *bert)
     for i in range(x_layers):
         ref, ours = f"lxmert.encoder.x_layers.{i}", f"cross_encoder.{i}"
-        pairs += [
-            (f"{ref}.visual_attention.att.{q}.{p}", f"{ours}.cross_attention.{q}.{p}")
-            for q in ("query", "key", "value")
-            for p in WB
-        ]
-        pairs += [
-            (f"{ref}.visual_attention.output.{s}.{p}", f"{ours}.cross_attention_output.{s}.{p}")
-            for s in ("dense", "LayerNorm")
-            for p in WB
-        ]
+        pairs += attention_block_pairs(
+            ref, ours, "visual_attention.att", "visual_attention.output", "cross_attention", "cross_attention_output"
+        )
         for stream, name in (("lang", "language"), ("visn", "vision")):
             parts = (
                 f"{stream}_self_att.self",

@@ -201,14 +201,7 @@ def bench_retrieval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     root = resolve_data_root(cfg.data, "karpathy")
     tokenizer = load_tokenizer(cfg.data.tokenizer, root)
     task = TASKS.get("retrieval")(cfg.task, cfg.data, root, tokenizer, "pixels")
-    ctx_model = ModelContext(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        cls_token_id=tokenizer.cls_token_id,
-        sep_token_id=tokenizer.sep_token_id,
-        mask_token_id=tokenizer.mask_token_id,
-        image_size=cfg.data.image_size,
-    )
+    ctx_model = ModelContext.for_tokenizer(tokenizer, cfg.data.image_size)
     torch.manual_seed(0)
     model = MODELS.get("albef")(cfg.model, ctx_model).eval().to(args.device)
     if args.run:

@@ -265,15 +265,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         diffs = config_differences(semantic_config(record.saved_config()), semantic_config(cfg))
         if diffs:
             raise VlbenchError(f"resume={cfg.resume}: the config differs from the saved run: {'; '.join(diffs)}")
-    ctx = ModelContext(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        cls_token_id=tokenizer.cls_token_id,
-        sep_token_id=tokenizer.sep_token_id,
-        mask_token_id=tokenizer.mask_token_id,
-        image_size=cfg.data.image_size,
-        num_groups=task.num_groups,
-        steps_per_epoch=steps_per_epoch,
+    ctx = ModelContext.for_tokenizer(
+        tokenizer, cfg.data.image_size, num_groups=task.num_groups, steps_per_epoch=steps_per_epoch
     )
     model: VisionLanguageModel = model_cls(cfg.model, ctx)
     init_report, init_source = None, None
