@@ -80,3 +80,13 @@ def test_a_checkpoint_file_of_an_unfinished_run_can_be_named(make_cfg, tmp_path,
     assert result["init_from"] == str(pretrained_run)
     report = json.loads((tmp_path / "f" / "manifest.json").read_text())["init_from"]
     assert report["checkpoint"] == "file" and report["path"] == str(weights)
+
+
+def test_a_resumed_run_keeps_its_init_from_record(make_cfg, tmp_path, pretrained_run):
+    run_dir = tmp_path / "resumed"
+    overrides = ("model=albef", f"init_from={pretrained_run}", "trainer.max_steps=2")
+    stopped = run(make_cfg(*overrides, "trainer.stop_at_step=1"), run_dir)
+    assert stopped["stopped_at_step"] == 1
+    result = run(make_cfg(*overrides, f"resume={run_dir}"), run_dir)
+    assert result["init_from"] == str(pretrained_run)
+    assert json.loads((run_dir / "manifest.json").read_text())["init_from"]["checkpoint"] == "best"

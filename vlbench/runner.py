@@ -304,6 +304,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             optimizer.load_state_dict(resume_state["optimizer"])
             scheduler.load_state_dict(resume_state["scheduler"])
         step, best_value, best_step = resume_state["step"], resume_state["best_value"], resume_state["best_step"]
+        init_report = resume_state.get("init_from")
         set_rng_state(resume_state["rng"])
 
     data_files = sorted(p for p in data_root.glob("*.json") if p.is_file())
@@ -332,6 +333,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "step": step,
             "best_value": best_value,
             "best_step": best_step,
+            "init_from": init_report,  # the weights this run started from, kept across resumes
             "rng": rng_state(),
             "optimizer": optimizer.state_dict() if optimizer else {},
             "scheduler": scheduler.state_dict() if scheduler else {},
