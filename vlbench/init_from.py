@@ -11,7 +11,7 @@ The report says which.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ class InitSource:
     run_dir: Path | None  # the source run, when init_from named one (its config explains mismatches)
     checkpoint: str  # best | last | file
     sha256: str
+    tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # filled on first read
 
     def describe(self) -> dict:
         return {
@@ -92,10 +93,13 @@ def _model_config_hint(source: InitSource, model_cfg: DictConfig) -> str:
 
 
 def _read(source: InitSource) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(source.weights)
-    except (SafetensorError, OSError) as e:
-        raise VlbenchError(f"init_from={source.weights}: not a readable safetensors checkpoint ({e})") from e
+    """The checkpoint's tensors, read once per source (the model and the head both take from them)."""
+    if source.tensors is None:
+        try:
+            source.tensors = load_file(source.weights)
+        except (SafetensorError, OSError) as e:
+            raise VlbenchError(f"init_from={source.weights}: not a readable safetensors checkpoint ({e})") from e
+    return source.tensors
 
 
 def _compare(module: nn.Module, theirs: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
