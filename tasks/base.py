@@ -25,6 +25,8 @@ class EvalResult:
     metrics: dict[str, float]
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
     higher_is_better: bool = True  # False for losses (the pretrain task selects its checkpoint by validation loss)
+    # example id → score (1/0 correct, or VQA's soft accuracy): the leaderboard's paired significance test reads it
+    per_example: dict[str, float] = field(default_factory=dict)
 
     @property
     def main_value(self) -> float:

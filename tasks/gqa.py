@@ -143,7 +143,8 @@ class GQATask(Task):
         for group in ("structural", "semantic"):
             metrics.update({f"accuracy/{k}": v for k, v in sorted(scores.breakdown[group].items())})
         breakdown = {group: {str(k): v for k, v in values.items()} for group, values in scores.breakdown.items()}
-        return EvalResult(main_metric="accuracy", metrics=metrics, breakdown=breakdown)
+        per_example = {str(q): float(by_qid.get(q) == scored[q]["answer"]) for q in scored}
+        return EvalResult(main_metric="accuracy", metrics=metrics, breakdown=breakdown, per_example=per_example)
 
     def write_predictions(self, predictions: list[dict], path_stem: Path) -> Path:
         """The official format: a JSON array of {"questionId", "prediction"}."""

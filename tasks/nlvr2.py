@@ -145,7 +145,9 @@ class NLVR2Task(Task):
             {p["identifier"]: p["prediction"] for p in predictions},
         )
         return EvalResult(
-            main_metric="accuracy", metrics={"accuracy": scores.accuracy, "consistency": scores.consistency}
+            main_metric="accuracy",
+            metrics={"accuracy": scores.accuracy, "consistency": scores.consistency},
+            per_example={k: float(v) for k, v in scores.per_example.items()},
         )
 
     def write_predictions(self, predictions: list[dict], path_stem: Path) -> Path:

@@ -233,6 +233,7 @@ class VQATask(Task):
                 "answer_type": dict(sorted(scores.per_answer_type.items())),
                 "question_type": dict(sorted(scores.per_question_type.items())),
             },
+            per_example={str(qid): acc for qid, acc in scores.per_question.items()},
         )
 
     def write_predictions(self, predictions: list[dict], path_stem: Path) -> Path:

@@ -30,15 +30,21 @@ register_schemas()
 
 @hydra.main(config_path="pkg://vlbench.conf", config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> float | None:
+    from vlbench.results import RunRecord
     from vlbench.runner import format_summary, run
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         result = run(cfg, run_dir)
-    except VlbenchError as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+    except Exception as e:
+        record = RunRecord(run_dir)
+        if not record.result_path.exists():  # "already finished" must not mark a finished run as failed
+            record.write_failure(cfg, e)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # Hydra runs the other jobs, then reports the failures
             log.error("job %s failed: %s", hydra_cfg.job.num, e)
+            raise
+        if not isinstance(e, VlbenchError):
             raise
         print(f"vlbench: error: {e}", file=sys.stderr)
         sys.exit(2)

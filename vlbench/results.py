@@ -61,6 +61,33 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(semantic_config(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def setting_hash(cfg: DictConfig) -> str:
+    """The config hash without the seed and the init source: every seed of one setting shares it (a fine-tuning seed
+    usually starts from its own pre-training seed's run)."""
+    reduced = {k: v for k, v in semantic_config(cfg).items() if k not in ("seed", "init_from")}
+    return hashlib.sha256(json.dumps(reduced, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Overrides that are their own leaderboard columns or do not change results; the rest name a run's setting.
+_NON_SETTING_OVERRIDES = {"model", "task", "seed", "scale", "head", "data", "init_from", "experiment"}
+
+
+def setting_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job that define its setting (e.g. ``model.cross_layer=false``),
+    sorted; empty outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    out = []
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in _NON_SETTING_OVERRIDES or key in NON_SEMANTIC_KEYS or key.startswith("logger"):
+            continue
+        out.append(override)
+    return sorted(out)
+
+
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(a) | set(b))
     out = []
@@ -138,6 +165,20 @@ class RunRecord:
 
     def write_result(self, result: dict) -> None:
         atomic_write_json(self.result_path, result)
+
+    def write_example_scores(self, split: str, scores: dict[str, float]) -> None:
+        atomic_write_json(self.dir / f"scores_{split}.json", scores)
+
+    def write_failure(self, cfg: DictConfig, error: BaseException) -> None:
+        """``failed.json``: what the leaderboard shows for a run that raised (one line of error, the setting)."""
+        message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+        record = {
+            key: OmegaConf.select(cfg, path, default=None)
+            for key, path in (("model", "model.name"), ("task", "task.name"), ("scale", "scale.name"),
+                              ("head", "head"), ("data", "data.name"), ("seed", "seed"))
+        }  # fmt: skip
+        record.update({"error": message, "setting_overrides": setting_overrides(), "git_sha": git_sha()})
+        atomic_write_json(self.dir / "failed.json", record)
 
     def save_checkpoint(self, name: str, model: torch.nn.Module, trainer_state: dict | None = None) -> None:
         """Weights as safetensors (tied weights de-duplicated); trainer state (optimizer, RNG, step) beside them,

@@ -36,6 +36,8 @@ from vlbench.results import (
     git_sha,
     package_versions,
     semantic_config,
+    setting_hash,
+    setting_overrides,
 )
 from vlbench.tasks.base import EvalContext, EvalResult, Task, dataset_files, to_device
 
@@ -446,6 +448,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     task.write_predictions(val_predictions, record.dir / f"predictions_{eval_split}")
     test_predictions, test_result = evaluate(test_split)
     predictions_path = task.write_predictions(test_predictions, record.dir / f"predictions_{test_split}")
+    for split, split_result in ((eval_split, val_result), (test_split, test_result)):
+        if split_result is not None and split_result.per_example:  # for the leaderboard's paired test
+            record.write_example_scores(split, split_result.per_example)
     logger.log({f"{test_split}/{k}": v for k, v in (test_result.metrics if test_result else {}).items()}, step)
     logger.close()
 
@@ -482,6 +487,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "steps": step,
         "wall_s": round(wall, 2),
         "config_hash": manifest["config_hash"],
+        "setting_hash": setting_hash(cfg),
+        "setting_overrides": setting_overrides(),
+        "flops_per_sample_forward": flops_per_sample,
+        "device": manifest["device"],
+        "num_devices": 1,
         "git_sha": manifest["git_sha"],
     }
     record.write_result(result)  # last: its presence means the run finished

@@ -1,0 +1,144 @@
+"""vlbench-leaderboard: run records → table (columns, types, spread), bootstrap CI, paired test, failures."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import SMALL_WORLD
+from tests.test_cli import vlbench
+from vlbench.errors import VlbenchError
+from vlbench.leaderboard import aggregate, bootstrap_ci, main, paired_bootstrap, read_runs
+
+
+def write_result(root, name, **fields):
+    record = {
+        "model": "albef", "task": "vqa", "scale": "tiny", "seed": 0, "head": "shared", "data": "synthetic",
+        "split": "test", "main_metric": "accuracy", "metrics": {"accuracy": 50.0, "accuracy/yes/no": 60.0},
+        "params": 1000, "train_samples": 640, "wall_s": 36.0, "flops_per_sample_forward": 12345,
+        "git_sha": "abc123", "config_hash": "h1", "setting_hash": "s1", "setting_overrides": [],
+    }  # fmt: skip
+    record.update(fields)
+    (root / name).mkdir(parents=True)
+    (root / name / "result.json").write_text(json.dumps(record))
+
+
+def exact_bootstrap_quantiles(values, q):
+    """Every one of the n^n equally likely resamples, enumerated: the bootstrap distribution by hand."""
+    means = sorted(np.mean(c) for c in itertools.product(values, repeat=len(values)))
+    return np.quantile(means, q, method="inverted_cdf")
+
+
+def test_bootstrap_ci_matches_the_enumerated_bootstrap():
+    values = [70.0, 74.0, 79.0]
+    low, high = bootstrap_ci(values, seed=0)
+    exact_low, exact_high = exact_bootstrap_quantiles(values, [0.025, 0.975])
+    assert low == pytest.approx(exact_low, abs=0.5) and high == pytest.approx(exact_high, abs=0.5)
+    assert min(values) <= low < np.mean(values) < high <= max(values)
+    assert bootstrap_ci(values, seed=0) == (low, high)  # fixed generator: same table from the same runs
+    assert bootstrap_ci([5.0, 5.0, 5.0]) == (5.0, 5.0)
+    assert all(np.isnan(bootstrap_ci([5.0])))
+
+
+def test_paired_bootstrap_on_known_cases():
+    ids = [str(i) for i in range(200)]
+    always, never = {i: 1.0 for i in ids}, {i: 0.0 for i in ids}
+    r = paired_bootstrap(always, never)
+    assert r["difference"] == 1.0 and r["p_value"] == 0.0 and r["n"] == 200
+    assert paired_bootstrap(always, dict(always))["p_value"] == 1.0
+    # 3 examples better, 2 worse out of 200: no evidence of a difference
+    a = {i: 1.0 for i in ids}
+    b = {i: 1.0 if k >= 3 else 0.0 for k, i in enumerate(ids)}
+    for i in ids[3:5]:
+        a[i] = 0.0
+    r = paired_bootstrap(a, b)
+    assert r["difference"] == pytest.approx(1 / 200) and r["p_value"] > 0.5
+    assert r["ci_low"] < 0 < r["ci_high"]
+    # only the examples both runs scored are compared
+    assert paired_bootstrap({"x": 1.0, "y": 0.0}, {"y": 1.0, "z": 0.0})["n"] == 1
+    with pytest.raises(VlbenchError, match="share no scored example"):
+        paired_bootstrap({"x": 1.0}, {"y": 1.0})
+
+
+def test_aggregate_columns_types_and_spread(tmp_path):
+    for seed, acc in enumerate([70.0, 74.0, 79.0]):
+        write_result(tmp_path, f"albef-{seed}", seed=seed, metrics={"accuracy": acc, "accuracy/yes/no": acc + 1})
+    write_result(tmp_path, "textonly-0", model="textonly", metrics={"accuracy": 51.0}, params=10)
+    write_result(tmp_path, "ablation-0", setting_overrides=["model.distill=false"], setting_hash="s2")
+    (tmp_path / "crashed").mkdir()
+    (tmp_path / "crashed" / "failed.json").write_text(
+        json.dumps({"model": "albef", "task": "vqa", "scale": "tiny", "head": "shared", "data": "synthetic",
+                    "seed": 3, "error": "VlbenchError: boom", "setting_overrides": []})
+    )  # fmt: skip
+    runs = read_runs(tmp_path)
+    assert len(runs) == 6 and sorted(runs["status"].unique()) == ["failed", "finished"]
+    table = aggregate(runs).set_index(["model", "setting"])
+    row = table.loc[("albef", "")]
+    assert row["mean"] == pytest.approx(np.mean([70, 74, 79]))
+    assert row["std"] == pytest.approx(np.std([70, 74, 79], ddof=1))
+    assert row["n_seeds"] == 3 and row["seeds"] == "0,1,2"
+    assert row["metric:accuracy/yes/no"] == pytest.approx(np.mean([71, 75, 80]))
+    assert row["failed"] == 1 and row["last_error"] == "VlbenchError: boom"
+    assert row["ci95_low"] < row["mean"] < row["ci95_high"]
+    assert row["device_hours"] == pytest.approx(3 * 36 / 3600)
+    assert row["params"] == 1000 and row["flops_per_sample"] == 12345 and row["git_sha"] == "abc123"
+    assert table.loc[("albef", "model.distill=false"), "n_seeds"] == 1
+    single = table.loc[("textonly", "")]
+    assert single["mean"] == 51.0 and np.isnan(single["std"]) and np.isnan(single["ci95_low"])
+    numeric = ["mean", "std", "ci95_low", "ci95_high", "wall_s_mean", "device_hours"]
+    assert all(pd.api.types.is_float_dtype(aggregate(runs)[c]) for c in numeric)
+
+
+def test_cli_writes_csv_markdown_png_and_filters(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in range(2):
+        write_result(runs, f"a{seed}", seed=seed, metrics={"accuracy": 60.0 + seed})
+        write_result(runs, f"g{seed}", seed=seed, task="gqa", metrics={"accuracy": 40.0 + seed})
+    out = tmp_path / "board" / "leaderboard.csv"
+    main(["--root", str(runs), "--out", str(out), "--task", "vqa"])
+    csv = pd.read_csv(out)
+    assert list(csv["task"]) == ["vqa"] and csv.loc[0, "mean"] == 60.5 and csv.loc[0, "n_seeds"] == 2
+    for column in ("std", "ci95_low", "ci95_high", "params", "flops_per_sample", "train_samples", "wall_s_mean",
+                   "device_hours", "git_sha", "config_hash", "failed"):  # fmt: skip
+        assert column in csv.columns
+    assert out.with_suffix(".md").read_text().startswith("| model | task |")
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "60.50 ± 0.71" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args in (["--root", str(tmp_path / "nowhere")], ["--root", str(tmp_path)]):
+        proc = subprocess.run([sys.executable, "-m", "vlbench.leaderboard", *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+        assert proc.stderr.startswith("vlbench-leaderboard: error:")
+
+
+def test_sweep_with_a_failing_job_finishes_the_others(tmp_path, cache_dir):
+    """One job of the sweep starts from a run that does not exist: it is recorded as failed, the other finishes."""
+    proc = vlbench(
+        "-m",
+        "model=textonly",
+        f"init_from=null,{tmp_path}/no-such-run",
+        "trainer.max_steps=2",
+        "trainer.progress=false",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        *SMALL_WORLD,
+        cwd=tmp_path,
+        cache=cache_dir,
+    )
+    assert proc.returncode != 0  # Hydra reports the failed job once the sweep is over
+    assert len(list((tmp_path / "sweep").rglob("result.json"))) == 1
+    failed = list((tmp_path / "sweep").rglob("failed.json"))
+    assert len(failed) == 1 and "no-such-run" in json.loads(failed[0].read_text())["error"]
+    table = aggregate(read_runs(tmp_path / "sweep"))
+    assert table["failed"].sum() == 1 and table["n_seeds"].sum() == 1
+    # per-example scores are recorded for the paired test
+    run_dir = next((tmp_path / "sweep").rglob("result.json")).parent
+    scores = json.loads((run_dir / "scores_test.json").read_text())
+    assert len(scores) == 24 * 3 and all(0.0 <= v <= 1.0 for v in scores.values())  # SMALL_WORLD's test questions
+    accuracy = json.loads((run_dir / "result.json").read_text())["metrics"]["accuracy"]
+    assert 100 * np.mean(list(scores.values())) == pytest.approx(accuracy, abs=0.01)

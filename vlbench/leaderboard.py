@@ -1,0 +1,292 @@
+"""`vlbench-leaderboard`: every run under a results root → one table with spread, cost and provenance.
+
+A row is one model × task × setting (scale, head, data and the run's overrides other than the seed); its columns are
+the main metric's mean, standard deviation over seeds, number of seeds, 95 % bootstrap confidence interval of the mean,
+the per-type breakdown means, parameters, forward FLOPs per sample, training samples seen, wall-clock, device-hours,
+the code versions (git sha) and the configuration hash. Failed runs (a ``failed.json`` without ``result.json``) are
+counted per row with their last error, so a sweep's failures are visible in the table.
+
+Why a bootstrap CI over seeds: with 3 seeds a normal-theory interval is too narrow to trust and a t-interval assumes
+a shape we do not know; the percentile bootstrap of the mean is the common, assumption-light choice. It is computed
+with a fixed generator seed, so the same results give the same CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vlbench.errors import VlbenchError
+
+GROUP_KEYS = ["model", "task", "scale", "head", "data", "setting"]
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def bootstrap_ci(
+    values: Sequence[float], confidence: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean; (nan, nan) for fewer than two values (no spread to resample)."""
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def paired_bootstrap(
+    scores_a: dict[str, float], scores_b: dict[str, float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict[str, float]:
+    """Paired bootstrap test of mean(a) − mean(b) over the examples both were scored on (Koehn 2004; Berg-Kirkpatrick
+    et al. 2012): resample examples with replacement, recompute the difference; two-sided p-value = twice the share
+    of resampled differences on the other side of zero (capped at 1)."""
+    common = sorted(set(scores_a) & set(scores_b))
+    if not common:
+        raise VlbenchError("paired test: the two runs share no scored example (different tasks or splits?)")
+    a = np.array([scores_a[k] for k in common], dtype=float)
+    b = np.array([scores_b[k] for k in common], dtype=float)
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
+    observed = float(diff.mean())
+    if observed == 0 and not diff.any():
+        p_value = 1.0
+    else:
+        other_side = (means <= 0).mean() if observed > 0 else (means >= 0).mean()
+        p_value = float(min(1.0, 2 * other_side))
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {"n": len(common), "mean_a": float(a.mean()), "mean_b": float(b.mean()), "difference": observed,
+            "ci_low": float(low), "ci_high": float(high), "p_value": p_value}  # fmt: skip
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise VlbenchError(f"{path}: not a readable JSON run record ({e})") from e
+
+
+def _setting_of(record: dict) -> str:
+    """The overrides that define the setting (seed excluded); older records without them fall back to the head."""
+    overrides = record.get("setting_overrides")
+    return " ".join(overrides) if overrides else ""
+
+
+def run_row(path: Path, record: dict, status: str) -> dict:
+    """One run as a flat row (finished: its metrics; failed: its error)."""
+    metrics = record.get("metrics", {})
+    main = record.get("main_metric")
+    row = {key: record.get(key) for key in ("model", "task", "scale", "head", "data", "seed", "split")}
+    row.update(
+        {
+            "setting": _setting_of(record),
+            "setting_hash": record.get("setting_hash") or record.get("config_hash"),
+            "status": status,
+            "error": record.get("error"),
+            "run_dir": str(path.parent),
+            "init_from": record.get("init_from"),
+            "checkpoint": record.get("checkpoint"),
+            "main_metric": main,
+            "value": metrics.get(main) if main else None,
+            "params": record.get("params"),
+            "flops_per_sample": record.get("flops_per_sample_forward"),
+            "train_samples": record.get("train_samples"),
+            "wall_s": record.get("wall_s"),
+            "device_hours": (record.get("wall_s") or 0) * record.get("num_devices", 1) / 3600,
+            "device": record.get("device"),
+            "git_sha": record.get("git_sha"),
+            "config_hash": record.get("config_hash"),
+        }
+    )
+    for name, value in metrics.items():
+        if name != main:
+            row[f"metric:{name}"] = value
+    return row
+
+
+def read_runs(root: Path) -> pd.DataFrame:
+    """Every finished run (``result.json``) and failed run (``failed.json`` alone) under ``root``, one row each."""
+    root = Path(root)
+    if not root.is_dir():
+        raise VlbenchError(f"{root}: no such results directory")
+    rows = []
+    for path in sorted(root.rglob("result.json")):
+        rows.append(run_row(path, _read_json(path), "finished"))
+    for path in sorted(root.rglob("failed.json")):
+        if not (path.parent / "result.json").exists():
+            rows.append(run_row(path, _read_json(path), "failed"))
+    if not rows:
+        raise VlbenchError(f"{root}: no result.json or failed.json below it — nothing to tabulate")
+    return pd.DataFrame(rows)
+
+
+def _joined(values: pd.Series) -> str:
+    return ",".join(sorted({str(v)[:12] for v in values.dropna()}))
+
+
+def aggregate(runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """One row per model × task × setting: mean, std, n, bootstrap CI, breakdown means, cost and provenance."""
+    runs = runs.copy()
+    for key in GROUP_KEYS:
+        runs[key] = runs[key].fillna("").astype(str)
+    metric_columns = sorted(c for c in runs.columns if c.startswith("metric:"))
+    rows = []
+    for key, group in runs.groupby(GROUP_KEYS, sort=True):
+        done = group[group["status"] == "finished"]
+        values = done["value"].dropna().astype(float).to_numpy()
+        low, high = bootstrap_ci(values, seed=seed)
+        failed = group[group["status"] == "failed"]
+        row = dict(zip(GROUP_KEYS, key, strict=True))
+        row.update(
+            {
+                "main_metric": _joined(done["main_metric"]) or _joined(group["main_metric"]),
+                "mean": float(values.mean()) if values.size else float("nan"),
+                "std": float(values.std(ddof=1)) if values.size > 1 else float("nan"),
+                "n_seeds": int(values.size),
+                "ci95_low": low,
+                "ci95_high": high,
+                "seeds": ",".join(str(int(s)) for s in sorted(done["seed"].dropna())),
+                "failed": len(failed),
+                "last_error": failed["error"].dropna().iloc[-1] if failed["error"].notna().any() else "",
+            }
+        )
+        for column in metric_columns:
+            row[column] = float(done[column].astype(float).mean()) if done[column].notna().any() else float("nan")
+        row.update(
+            {
+                "params": int(done["params"].max()) if done["params"].notna().any() else pd.NA,
+                "flops_per_sample": int(done["flops_per_sample"].max())
+                if done["flops_per_sample"].notna().any()
+                else pd.NA,
+                "train_samples": int(done["train_samples"].max()) if done["train_samples"].notna().any() else pd.NA,
+                "wall_s_mean": float(done["wall_s"].mean()) if done["wall_s"].notna().any() else float("nan"),
+                "device_hours": float(done["device_hours"].sum()),
+                "git_sha": _joined(done["git_sha"]),
+                "config_hash": _joined(done["setting_hash"]),
+            }
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A compact Markdown table: the comparison columns only (the CSV has everything)."""
+    header = "| model | task | setting | metric | mean ± std | 95 % CI | seeds | params | train samples | failed |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in table.itertuples(index=False):
+        setting = " ".join(x for x in (f"{r.scale}", f"head={r.head}", r.setting) if x)
+        spread = f"{r.mean:.2f} ± {r.std:.2f}" if r.n_seeds > 1 else (f"{r.mean:.2f}" if r.n_seeds else "—")
+        ci = f"[{r.ci95_low:.2f}, {r.ci95_high:.2f}]" if r.n_seeds > 1 else "—"
+        params = f"{int(r.params) / 1e6:.2f} M" if not pd.isna(r.params) else "—"
+        samples = f"{int(r.train_samples):,}" if not pd.isna(r.train_samples) else "—"
+        lines.append(
+            f"| {r.model} | {r.task} | {setting} | {r.main_metric} | {spread} | {ci} | {r.n_seeds} | {params} "
+            f"| {samples} | {r.failed} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    """One panel per task: each model × setting's mean with its 95 % CI as an error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(table["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        rows = table[(table["task"] == task) & (table["n_seeds"] > 0)]
+        labels = [" ".join(x for x in (r.model, r.head, r.setting) if x) for r in rows.itertuples()]
+        means = rows["mean"].to_numpy(dtype=float)
+        low = np.where(np.isnan(rows["ci95_low"].to_numpy(dtype=float)), means, rows["ci95_low"].to_numpy(dtype=float))
+        high = np.where(
+            np.isnan(rows["ci95_high"].to_numpy(dtype=float)), means, rows["ci95_high"].to_numpy(dtype=float)
+        )
+        ax.bar(range(len(rows)), means, yerr=[means - low, high - means], capsize=4, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_title(task)
+        ax.set_ylabel(_joined(rows["main_metric"]))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_leaderboard(table: pd.DataFrame, out: Path, with_plot: bool = True) -> list[Path]:
+    """CSV, Markdown and (optionally) PNG next to each other; written whole or not at all (temp file + rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out, out.with_suffix(".md")]
+    staged = [p.with_name(f".{p.name}.tmp") for p in paths]
+    table.to_csv(staged[0], index=False)
+    staged[1].write_text(to_markdown(table), encoding="utf-8")
+    if with_plot:
+        paths.append(out.with_suffix(".png"))
+        staged.append(out.with_name(f".{out.stem}.tmp.png"))
+        plot(table, staged[2])
+    for tmp, final in zip(staged, paths, strict=True):
+        tmp.replace(final)
+    return paths
+
+
+def example_scores(run_dir: Path, split: str = "test") -> dict[str, float]:
+    """A finished run's per-example scores (``scores_<split>.json``: example id → score), for the paired test."""
+    path = Path(run_dir) / f"scores_{split}.json"
+    if not path.exists():
+        raise VlbenchError(f"{path}: no per-example scores (runs record them from this version on)")
+    return {str(k): float(v) for k, v in _read_json(path).items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vlbench-leaderboard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default="results/runs", help="directory searched for result.json / failed.json")
+    parser.add_argument("--out", default="results/leaderboard.csv", help="CSV path; .md and .png are written beside")
+    parser.add_argument("--task", action="append", help="keep only these tasks (repeatable)")
+    parser.add_argument("--model", action="append", help="keep only these models (repeatable)")
+    parser.add_argument("--by", default=None, help="sort rows by this column (default: task, then mean descending)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="paired bootstrap test between two run directories"
+    )
+    parser.add_argument("--split", default="test", help="split of the per-example scores for --compare")
+    args = parser.parse_args(argv)
+    try:
+        if args.compare:
+            a, b = (example_scores(Path(d), args.split) for d in args.compare)
+            r = paired_bootstrap(a, b)
+            print(
+                f"{r['n']} examples: A {r['mean_a']:.4f}  B {r['mean_b']:.4f}  A−B {r['difference']:+.4f} "
+                f"(95 % CI [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}])  paired bootstrap p = {r['p_value']:.4f}"
+            )
+            return
+        runs = read_runs(Path(args.root))
+        if args.task:
+            runs = runs[runs["task"].isin(args.task)]
+        if args.model:
+            runs = runs[runs["model"].isin(args.model)]
+        if runs.empty:
+            raise VlbenchError("no run matches the --task/--model filters")
+        table = aggregate(runs)
+        if args.by:
+            if args.by not in table.columns:
+                raise VlbenchError(f"--by {args.by}: not a column (choose from {', '.join(table.columns)})")
+            table = table.sort_values(args.by, kind="stable")
+        else:
+            table = table.sort_values(["task", "mean"], ascending=[True, False], kind="stable")
+        paths = write_leaderboard(table, Path(args.out), with_plot=not args.no_plot)
+    except VlbenchError as e:
+        print(f"vlbench-leaderboard: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(to_markdown(table))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()
