@@ -1,3 +1,10 @@
 """Model families. Importing this package registers every family in ``vlbench.registry.MODELS``."""
 
-from vlbench.models import albef, lxmert, majority, textonly  # noqa: F401  (registration side effects)
+from vlbench.models import (  # noqa: F401  (registration side effects)
+    albef,
+    lxmert,
+    majority,
+    pixelbert,
+    textonly,
+    unimo3,
+)

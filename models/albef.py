@@ -57,7 +57,7 @@ from vlbench.models.base import (
     TwoImageHead,
     VisionLanguageModel,
 )
-from vlbench.models.checkpoints import resample_pos_embed
+from vlbench.models.checkpoints import resample_vit_pos_embeds
 from vlbench.models.layers import (
     MaskedLMHead,
     TextEncoder,
@@ -154,11 +154,7 @@ class ALBEF(VisionLanguageModel):
 
     def adapt_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Resample ViT position embeddings saved at another image size (pre-training 256 px → fine-tuning 384)."""
-        ours = self.state_dict()
-        return {
-            k: resample_pos_embed(v, ours[k].shape[1]) if k.endswith("visual_encoder.pos_embed") and k in ours else v
-            for k, v in state_dict.items()
-        }
+        return resample_vit_pos_embeds(state_dict, self.state_dict())
 
     def native_head(
         self, kind: str, num_outputs: int, answer_token_ids: list[list[int]] | None = None

@@ -84,6 +84,17 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def resample_vit_pos_embeds(
+    state_dict: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every ``visual_encoder.pos_embed`` resampled to the grid of the same key in ``ours`` (a
+    model's own state dict): the ``adapt_checkpoint`` of ViT models fine-tuned at another image size."""
+    return {
+        k: resample_pos_embed(v, ours[k].shape[1]) if k.endswith("visual_encoder.pos_embed") and k in ours else v
+        for k, v in state_dict.items()
+    }
+
+
 def resample_pos_embed(pos_embed: torch.Tensor, target_tokens: int, prefix_tokens: int = 1) -> torch.Tensor:
     """A ViT's (1, prefix + H·W, D) position embeddings bicubically resampled to another square grid (fine-tuning at
     a higher resolution than pre-training, as ALBEF's 256 → 384 px); unchanged when the grid already fits."""

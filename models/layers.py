@@ -9,12 +9,13 @@ shapes), with attention through ``torch.nn.functional.scaled_dot_product_attenti
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlbench.models.base import TextSizes
+from vlbench.models.base import Batch, JointEncoding, ModelObjectives, TextSizes
 
 
 class MultiHeadAttention(nn.Module):
@@ -228,6 +229,43 @@ class MLPClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class PooledMLPHead(nn.Module):
+    """A native classifier over pooled joint encodings (LXMERT's ``logit_fc``, Pixel-BERT's heads): Linear(n·H, 2H) →
+    GELU → LayerNorm → Linear, no dropout, BERT init. ``num_pairs=2``: NLVR2's two image–text pairs, whose pooled
+    vectors are concatenated; the task hands it one encoding or that list."""
+
+    def __init__(self, hidden_size: int, num_outputs: int, num_pairs: int = 1):
+        super().__init__()
+        self.classifier = MLPClassifier(num_pairs * hidden_size, 2 * hidden_size, num_outputs, dropout=0.0)
+        init_bert_weights(self)
+
+    def forward(self, encodings: JointEncoding | list[JointEncoding], batch: Batch) -> torch.Tensor:
+        encodings = [encodings] if isinstance(encodings, JointEncoding) else encodings
+        return self.classifier(torch.cat([e.pooled for e in encodings], dim=-1))
+
+    @classmethod
+    def for_kind(cls, kind: str, hidden_size: int, num_outputs: int) -> PooledMLPHead | None:
+        """The head for a native head kind: ``answer_classifier`` (VQA/GQA, one pooled vector), ``pair_classifier``
+        (NLVR2, two); None for any other kind."""
+        pairs = {"answer_classifier": 1, "pair_classifier": 2}.get(kind)
+        return None if pairs is None else cls(hidden_size, num_outputs, num_pairs=pairs)
+
+
+class PooledNativeHeads:
+    """Mixin for models whose native heads read the pooled output: an MLP for VQA/GQA and NLVR2 (``PooledMLPHead``),
+    the model's own objectives (``ModelObjectives``) for the kinds in ``objective_kinds``."""
+
+    objective_kinds: ClassVar[tuple[str, ...]] = ("image_text_matcher", "pretrain")
+    hidden_size: int
+
+    def native_head(
+        self, kind: str, num_outputs: int, answer_token_ids: list[list[int]] | None = None
+    ) -> nn.Module | None:
+        if kind in self.objective_kinds:
+            return ModelObjectives()
+        return PooledMLPHead.for_kind(kind, self.hidden_size, num_outputs)
 
 
 def build_vit(

@@ -83,6 +83,47 @@ def sample_hard_negatives(
     return neg_text_for_image, neg_image_for_text
 
 
+def itm_pair_indices(
+    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, same_image: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ALBEF's ITM batch as indices, so a model fuses all 3B pairs in one pass: the B positives, then every text with
+    its hard negative image, then every image with its hard negative text (``sample_hard_negatives``).
+
+    Returns (text index (3B,), image index (3B,), labels (3B,) long, 1 = matched)."""
+    batch = sim_i2t.shape[0]
+    neg_text_for_image, neg_image_for_text = sample_hard_negatives(sim_i2t, sim_t2i, same_image)
+    rows = torch.arange(batch, device=sim_i2t.device)
+    text_index = torch.cat([rows, rows, neg_text_for_image])
+    image_index = torch.cat([rows, neg_image_for_text, rows])
+    labels = torch.cat([torch.ones_like(rows), torch.zeros_like(rows), torch.zeros_like(rows)])
+    return text_index, image_index, labels
+
+
+def in_batch_contrastive_loss(
+    image_feat: torch.Tensor, text_feat: torch.Tensor, temperature: torch.Tensor, image_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ITC without momentum encoder or queue (CLIP-style, symmetric): each process's rows against the features of
+    every process (gathered with gradients), so the negatives are the global batch.
+
+    image_feat/text_feat: (B, D) L2-normalised, row i of both one pair. ``image_ids`` (B,): every column showing the
+    row's image is a positive, weighted equally (several captions of one image in a batch); default: the pair only.
+    """
+    import torch.distributed as dist
+
+    image_all = all_gather_batch(image_feat, with_grad=True)  # (B · world, D)
+    text_all = all_gather_batch(text_feat, with_grad=True)
+    if image_ids is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        columns = rank * image_feat.shape[0] + torch.arange(image_feat.shape[0], device=image_feat.device)
+        positives = F.one_hot(columns, image_all.shape[0]).float()
+    else:
+        positives = (image_ids.view(-1, 1) == all_gather_batch(image_ids).view(1, -1)).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    sim_i2t = image_feat @ text_all.t() / temperature
+    sim_t2i = text_feat @ image_all.t() / temperature
+    return (soft_cross_entropy(sim_i2t, targets) + soft_cross_entropy(sim_t2i, targets)) / 2
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -113,6 +154,26 @@ def mask_tokens(
     random_ids = torch.randint(vocab_size, input_ids.shape, device=device, generator=generator)
     masked[to_random] = random_ids[to_random]
     return masked, labels
+
+
+def sample_mismatches(
+    batch_size: int, probability: float, image_ids: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM mismatching: which pair's sentence (LXMERT) or image (Pixel-BERT) each pair gets — its own, or with
+    ``probability`` another pair's, never one of the same image (``image_ids``).
+
+    Returns (partner index (B,), matched (B,) bool). A pair whose batch has no other image stays matched.
+    """
+    index = torch.arange(batch_size, device=device)
+    allowed = index[:, None] != index[None, :]
+    if image_ids is not None:
+        allowed &= image_ids[:, None] != image_ids[None, :]
+    has_other = allowed.any(dim=1)
+    flip = (torch.rand(batch_size, device=device) < probability) & has_other
+    weights = allowed.float()
+    weights[~has_other, index[~has_other]] = 1.0  # a row multinomial can draw from; never used (flip is False)
+    other = torch.multinomial(weights, 1).squeeze(1)
+    return torch.where(flip, other, index), ~flip
 
 
 @torch.no_grad()

@@ -59,7 +59,6 @@ from vlbench.models.base import (
     Batch,
     JointEncoding,
     ModelContext,
-    ModelObjectives,
     TextSizes,
     VisionLanguageModel,
 )
@@ -68,13 +67,14 @@ from vlbench.models.layers import (
     MaskedLMHead,
     MLPClassifier,
     MultiHeadAttention,
+    PooledNativeHeads,
     ResidualLayerNorm,
     TextEmbeddings,
     TransformerLayer,
     TransformerStack,
     init_bert_weights,
 )
-from vlbench.models.losses import mask_tokens
+from vlbench.models.losses import mask_tokens, sample_mismatches
 from vlbench.registry import MODELS
 
 
@@ -133,30 +133,6 @@ class ObjectPredictionHead(nn.Module):
         return self.LayerNorm(F.gelu(self.dense(vision)))
 
 
-class LxmertAnswerHead(nn.Module):
-    """LXMERT's VQA/GQA head (the reference's ``logit_fc``) over the pooled output; the task head signature."""
-
-    def __init__(self, hidden_size: int, num_outputs: int):
-        super().__init__()
-        self.classifier = MLPClassifier(hidden_size, 2 * hidden_size, num_outputs, dropout=0.0)
-        init_bert_weights(self)
-
-    def forward(self, encoding: JointEncoding, batch: Batch) -> torch.Tensor:
-        return self.classifier(encoding.pooled)
-
-
-class LxmertPairHead(nn.Module):
-    """LXMERT's NLVR2 head: the answer MLP over the two image–sentence pairs' pooled outputs, concatenated."""
-
-    def __init__(self, hidden_size: int, num_outputs: int):
-        super().__init__()
-        self.classifier = MLPClassifier(2 * hidden_size, 2 * hidden_size, num_outputs, dropout=0.0)
-        init_bert_weights(self)
-
-    def forward(self, encodings: list[JointEncoding], batch: Batch) -> torch.Tensor:
-        return self.classifier(torch.cat([e.pooled for e in encodings], dim=-1))
-
-
 @dataclass
 class LxmertStreams:
     language: torch.Tensor  # (B, L, H)
@@ -185,25 +161,6 @@ class PretrainInputs:
     token_type_ids: torch.Tensor | None = None
 
 
-def sample_mismatches(
-    batch_size: int, probability: float, image_ids: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which sentence each pair gets: its own, or with ``probability`` another pair's (never one of the same image).
-
-    Returns (sentence index (B,), matched (B,) bool). A pair whose batch has no other image stays matched.
-    """
-    index = torch.arange(batch_size, device=device)
-    allowed = index[:, None] != index[None, :]
-    if image_ids is not None:
-        allowed &= image_ids[:, None] != image_ids[None, :]
-    has_other = allowed.any(dim=1)
-    flip = (torch.rand(batch_size, device=device) < probability) & has_other
-    weights = allowed.float()
-    weights[~has_other, index[~has_other]] = 1.0  # a row multinomial can draw from; never used (flip is False)
-    other = torch.multinomial(weights, 1).squeeze(1)
-    return torch.where(flip, other, index), ~flip
-
-
 def mask_regions(
     features: torch.Tensor, region_mask: torch.Tensor, probability: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +187,8 @@ def sample_answers(scores: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
 
 
 @MODELS.register("lxmert")
-class LXMERT(VisionLanguageModel):
+class LXMERT(PooledNativeHeads, VisionLanguageModel):
+    objective_kinds = ("pretrain",)  # retrieval uses the shared matching head (no native ranking objective)
     visual_input = "regions"
     pretrain_uses_qa = True  # the pretrain task adds LXMERT's image-QA pairs (qa_targets, qa_mask) for this model
 
@@ -270,17 +228,6 @@ class LXMERT(VisionLanguageModel):
             batch.get("region_mask"),
             batch.get("token_type_ids"),
         )
-
-    def native_head(
-        self, kind: str, num_outputs: int, answer_token_ids: list[list[int]] | None = None
-    ) -> nn.Module | None:
-        if kind == "answer_classifier":
-            return LxmertAnswerHead(self.hidden_size, num_outputs)
-        if kind == "pair_classifier":
-            return LxmertPairHead(self.hidden_size, num_outputs)
-        if kind == "pretrain":
-            return ModelObjectives()
-        return None
 
     def match_scores(self, batch: Batch) -> torch.Tensor:
         """The matching head's positive logit per pair: retrieval reranks with it."""

@@ -23,3 +23,11 @@ def test_retrieval_bench_reads_a_run(cache_dir, make_cfg, tmp_path, capsys):
     assert "randomly initialised" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["retrieval", "--k"])
+
+
+def test_pixelbert_bench_compares_sampling_on_and_off(capsys):
+    main(["pixelbert", "--scale", "tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--text-length", "6"])
+    out = capsys.readouterr().out
+    assert "64 px → 16 pixels" in out
+    assert "sampled:" in out and "8 pixels)" in out and "all pixels:" in out and "16 pixels)" in out
+    assert "speed-up of pixel sampling:" in out

@@ -25,7 +25,7 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 def test_help_and_cfg_job(tmp_path, cache_dir):
     proc = vlbench("--help", cwd=tmp_path, cache=cache_dir)
-    assert proc.returncode == 0 and "model: albef, lxmert, majority, textonly" in proc.stdout
+    assert proc.returncode == 0 and "model: albef, lxmert, majority, pixelbert, textonly, unimo3" in proc.stdout
     assert "task: gqa, nlvr2, nlvr2_ta, pretrain, retrieval, vqa" in proc.stdout
     assert "experiment: albef_nlvr2, albef_nlvr2_ta, albef_pretrain" in proc.stdout
     proc = vlbench("--cfg", "job", "trainer.max_steps=50", "scale=tiny", "seed=3", cwd=tmp_path, cache=cache_dir)

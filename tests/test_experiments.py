@@ -49,3 +49,24 @@ def test_an_epoch_budget_becomes_steps_and_ramps_alpha(make_cfg, tmp_path):
                        steps_per_epoch=18)  # fmt: skip
     model = ALBEF(cfg.model, ctx)
     assert model.alpha_at(0) == 0.0 and model.alpha_at(9) == pytest.approx(0.2) and model.alpha_at(40) == 0.4
+
+
+def _compose(*overrides):
+    with initialize_config_module(config_module="vlbench.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("budget", ["tiny_96k", "base_1m"])
+def test_budget_presets_fix_samples_batch_and_resolution_for_every_model(budget):
+    seen = set()
+    for model in ("albef", "lxmert", "textonly"):
+        cfg = _compose(f"model={model}", f"budget={budget}", "scale=base" if budget == "base_1m" else "scale=tiny")
+        t = cfg.trainer
+        seen.add((t.max_steps * t.batch_size * t.grad_accum_steps, t.epochs, cfg.data.image_size))
+    assert len(seen) == 1  # every model: the same number of training samples, no epoch budget, one resolution
+    assert _compose(f"budget={budget}", "trainer.max_steps=7").trainer.max_steps == 7  # the command line still wins
+
+
+def test_suite_starts_fine_tuning_from_pretraining_and_skips_finished_runs():
+    cfg = _compose("+experiment=suite", "model=lxmert", "task=gqa", "seed=2")
+    assert cfg.init_from == "pretrained" and cfg.reuse_finished and cfg.results_dir == "results/runs"

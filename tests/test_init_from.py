@@ -90,3 +90,37 @@ def test_a_resumed_run_keeps_its_init_from_record(make_cfg, tmp_path, pretrained
     result = run(make_cfg(*overrides, f"resume={run_dir}"), run_dir)
     assert result["init_from"] == str(pretrained_run)
     assert json.loads((run_dir / "manifest.json").read_text())["init_from"]["checkpoint"] == "best"
+
+
+def test_init_from_pretrained_finds_the_pretrain_run_of_this_model_and_seed(make_cfg, tmp_path, pretrained_run):
+    cfg = make_cfg("model=albef", "task=vqa", "init_from=pretrained", f"reuse_root={tmp_path}", "trainer.max_steps=1")
+    result = run(cfg, tmp_path / "vqa")
+    assert result["init_from"] == str(pretrained_run)
+    assert f"init_from: {pretrained_run}" in (tmp_path / "vqa" / "config.yaml").read_text()
+    pretrain = make_cfg("model=albef", "task=pretrain", "init_from=pretrained", *SMALL_FORMATS, "trainer.max_steps=1")
+    assert run(pretrain, tmp_path / "pretrain-again")["init_from"] is None  # the pre-training stage starts fresh
+    with pytest.raises(VlbenchError, match="no finished task=pretrain run of model=albef .* seed=1"):
+        run(make_cfg("model=albef", "init_from=pretrained", f"reuse_root={tmp_path}", "seed=1"), tmp_path / "s1")
+    with pytest.raises(VlbenchError, match="nearest .*pretrain differs in model.embed_dim: 64 → 32"):
+        run(
+            make_cfg("model=albef", "init_from=pretrained", f"reuse_root={tmp_path}", "model.embed_dim=32"),
+            tmp_path / "other",
+        )
+
+
+def test_reuse_finished_skips_a_finished_configuration(make_cfg, tmp_path):
+    first = run(make_cfg("model=textonly", "reuse_finished=true", f"reuse_root={tmp_path}"), tmp_path / "a")
+    again = run(make_cfg("model=textonly", "reuse_finished=true", f"reuse_root={tmp_path}"), tmp_path / "b")
+    assert again == first and not (tmp_path / "b" / "result.json").exists()
+    assert json.loads((tmp_path / "b" / "reused.json").read_text()) == {"run_dir": str(tmp_path / "a")}
+    changed = run(make_cfg("model=textonly", "reuse_finished=true", f"reuse_root={tmp_path}", "seed=1"), tmp_path / "c")
+    assert changed["seed"] == 1 and (tmp_path / "c" / "result.json").exists()
+
+
+def test_reuse_finished_in_the_same_directory_returns_its_result(make_cfg, tmp_path):
+    cfg = make_cfg("model=textonly", "reuse_finished=true", f"reuse_root={tmp_path}/elsewhere")
+    first = run(cfg, tmp_path / "a")
+    assert run(cfg, tmp_path / "a") == first and not (tmp_path / "a" / "reused.json").exists()
+    other = make_cfg("model=textonly", "reuse_finished=true", f"reuse_root={tmp_path}/elsewhere", "seed=4")
+    with pytest.raises(VlbenchError, match="a run with another config finished here"):
+        run(other, tmp_path / "a")

@@ -117,10 +117,20 @@ def test_cli_errors_are_one_line(tmp_path):
         assert proc.stderr.startswith("vlbench-leaderboard: error:")
 
 
+def test_slurm_launcher_config_composes(tmp_path, cache_dir):
+    proc = vlbench(
+        "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", cwd=tmp_path, cache=cache_dir
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SlurmLauncher" in proc.stdout and "partition: gpu" in proc.stdout and "gpus_per_node: 1" in proc.stdout
+
+
 def test_sweep_with_a_failing_job_finishes_the_others(tmp_path, cache_dir):
-    """One job of the sweep starts from a run that does not exist: it is recorded as failed, the other finishes."""
+    """Submitted through submitit (its local executor, the SLURM launcher's twin), one job of the sweep starts from a
+    run that does not exist: it is recorded as failed, the other finishes, the leaderboard counts both."""
     proc = vlbench(
         "-m",
+        "hydra/launcher=local_submitit",
         "model=textonly",
         f"init_from=null,{tmp_path}/no-such-run",
         "trainer.max_steps=2",

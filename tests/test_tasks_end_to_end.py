@@ -22,7 +22,7 @@ def _metrics_log(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("model", ["albef", "textonly", "majority"])
+@pytest.mark.parametrize("model", ["albef", "unimo3", "textonly", "majority"])
 def test_gqa(make_cfg, tmp_path, model):
     result = run(make_cfg(f"model={model}", "task=gqa", *SMALL_FORMATS), tmp_path / "run")
     assert result["task"] == "gqa" and 0 <= result["metrics"]["accuracy"] <= 100
@@ -32,7 +32,7 @@ def test_gqa(make_cfg, tmp_path, model):
     assert predictions and set(predictions[0]) == {"questionId", "prediction"}
 
 
-@pytest.mark.parametrize("model", ["albef", "textonly", "majority"])
+@pytest.mark.parametrize("model", ["albef", "unimo3", "pixelbert", "textonly", "majority"])
 def test_nlvr2(make_cfg, tmp_path, model):
     result = run(make_cfg(f"model={model}", "task=nlvr2", *SMALL_FORMATS), tmp_path / "run")
     assert result["task"] == "nlvr2" and {"accuracy", "consistency"} <= set(result["metrics"])
@@ -41,14 +41,20 @@ def test_nlvr2(make_cfg, tmp_path, model):
     assert rows and all(len(r) == 2 and r[1] in ("True", "False") for r in rows)
 
 
-@pytest.mark.parametrize("head", ["shared", "native"])
-def test_retrieval(make_cfg, tmp_path, head):
-    result = run(make_cfg("model=albef", "task=retrieval", f"head={head}", *SMALL_FORMATS), tmp_path / "run")
+@pytest.mark.parametrize(("model", "head"), [("albef", "shared"), ("albef", "native"), ("unimo3", "native")])
+def test_retrieval(make_cfg, tmp_path, model, head):
+    result = run(make_cfg(f"model={model}", "task=retrieval", f"head={head}", *SMALL_FORMATS), tmp_path / "run")
     metrics = result["metrics"]
     assert {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "mean_recall", "rsum"} <= set(metrics)
     assert metrics["rsum"] == pytest.approx(6 * metrics["mean_recall"])
     logged = set().union(*(_metrics_log(tmp_path / "run")))
     assert "train/itm" in logged and (head == "shared" or "train/itc" in logged)
+
+
+def test_pixelbert_native_retrieval_ranks_with_its_match_head(make_cfg, tmp_path):
+    result = run(make_cfg("model=pixelbert", "task=retrieval", "head=native", *SMALL_FORMATS), tmp_path / "run")
+    assert 0 <= result["metrics"]["mean_recall"] <= 100
+    assert "train/itm_rank" in set().union(*(_metrics_log(tmp_path / "run")))
 
 
 def test_retrieval_itm_scoring_for_a_model_without_embeddings(make_cfg, tmp_path):

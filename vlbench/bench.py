@@ -9,6 +9,11 @@ vlbench-bench retrieval [--run DIR] [--images 1000] [--captions-per-image 5] [--
     ALBEF retrieval on a synthetic test set: time and R@1 of ITC only, ITC top-k re-ranked by ITM, and ITM over all
     pairs (the two ITM modes share one encoding pass of every image and caption); the speed-up of top-k over all
     pairs. ``--run`` takes the weights of a finished ALBEF run (e.g. ``task=retrieval head=native``).
+
+vlbench-bench pixelbert [--scale tiny|base] [--batch-size 8] [--steps 4] [--warmup 1] [--image-size PX] [--threads N]
+    Pixel-BERT pre-training steps/s (MLM + ITM, forward, backward, AdamW) with random pixel sampling on (the scale's
+    ``model.pixel_sample``) and off (every pixel), same weights and batch, in one process, alternating rounds.
+    ``--image-size 800``: the paper's short side, where its 100 of ~600 pixels shorten the sequence most.
 """
 
 from __future__ import annotations
@@ -235,6 +240,72 @@ def bench_retrieval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return results
 
 
+def bench_pixelbert(args: argparse.Namespace) -> dict[str, float]:
+    """Pixel-BERT pre-training steps/s with and without random pixel sampling: what the paper's sampling saves."""
+    from hydra import compose, initialize_config_module
+
+    import vlbench.cli  # noqa: F401  (registers schemas and resolvers, as the app does)
+    from vlbench.models.pixelbert import PixelBERT
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with initialize_config_module(config_module="vlbench.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=pixelbert", f"scale={args.scale}"])
+    if cfg.model.pixel_sample is None:
+        raise SystemExit(f"model.pixel_sample is null at scale={args.scale}: nothing to compare")
+    size = args.image_size or cfg.data.image_size
+    ctx = ModelContext(
+        vocab_size=BERT_VOCAB, pad_token_id=0, cls_token_id=101, sep_token_id=102, mask_token_id=103, image_size=size
+    )
+    torch.manual_seed(0)
+    sampled = PixelBERT(cfg.model, ctx)
+    every_pixel = cfg.model.copy()
+    every_pixel.pixel_sample = None
+    full = PixelBERT(every_pixel, ctx)
+    full.load_state_dict(sampled.state_dict())  # the same weights
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, BERT_VOCAB, (args.batch_size, args.text_length), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(args.batch_size, 3, size, size, generator=g),
+        "image_ids": torch.arange(args.batch_size),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    models = {"sampled": sampled.to(device).train(), "all pixels": full.to(device).train()}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-5) for name, m in models.items()}
+    with torch.no_grad():
+        pixels = sampled.pixel_embeddings(batch["pixel_values"][:1]).shape[1]
+
+    def train_step(name: str) -> Callable[[], float]:
+        def step() -> float:
+            optimizers[name].zero_grad(set_to_none=True)
+            loss = sum(models[name].pretrain_losses(batch, step=0).values())
+            loss.backward()
+            optimizers[name].step()
+            return loss.item()
+
+        return step
+
+    steps = {name: train_step(name) for name in models}
+    if args.warmup:
+        _time_rounds(steps, args.warmup, device)
+    seconds = _time_rounds(steps, args.steps, device)
+    rates = {name: 1.0 / s for name, s in seconds.items()}
+    print(
+        f"Pixel-BERT {args.scale} pre-training step (MLM + ITM), batch {args.batch_size} × ({args.text_length} tokens, "
+        f"{size} px → {pixels} pixels), {args.steps} steps after {args.warmup} warm-up, "
+        f"{torch.get_num_threads()} threads, {device}"
+    )
+    kept = {"sampled": f"{cfg.model.pixel_sample} pixels", "all pixels": f"{pixels} pixels"}
+    for name, rate in rates.items():
+        print(f"{name:>10}: {rate:8.2f} steps/s  ({seconds[name] * 1000:.0f} ms/step, {kept[name]})")
+    print(f"speed-up of pixel sampling: {rates['sampled'] / rates['all pixels']:.2f}×")
+    return rates
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlbench-bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +328,16 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--device", default="cpu")
     r.set_defaults(func=bench_retrieval)
+    b = sub.add_parser("pixelbert", help="Pixel-BERT pre-training steps/s with random pixel sampling on vs off")
+    b.add_argument("--scale", choices=["tiny", "base"], default="base")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--steps", type=int, default=4, help="timed steps per setting")
+    b.add_argument("--warmup", type=int, default=1, help="untimed steps per setting first")
+    b.add_argument("--text-length", type=int, default=20)
+    b.add_argument("--image-size", type=int, default=0, help="square images of this size (0: the scale's)")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=bench_pixelbert)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -20,7 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model, save_model
 
 # Keys that do not change what a run computes (where it is written, how it is shown, when it stops to resume).
-NON_SEMANTIC_KEYS = ("results_dir", "run_id", "resume", "trainer.progress", "trainer.stop_at_step", "logger")
+NON_SEMANTIC_KEYS = (
+    "results_dir",
+    "run_id",
+    "resume",
+    "reuse_finished",
+    "reuse_root",
+    "trainer.progress",
+    "trainer.stop_at_step",
+    "logger",
+)
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:

@@ -7,6 +7,7 @@ chosen checkpoint on the test split, the predictions in the task's official form
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -29,6 +30,7 @@ from vlbench.models.base import ModelContext, VisionLanguageModel
 from vlbench.registry import MODELS, TASKS
 from vlbench.results import (
     RunRecord,
+    atomic_write_json,
     config_differences,
     config_hash,
     device_description,
@@ -39,6 +41,7 @@ from vlbench.results import (
     setting_hash,
     setting_overrides,
 )
+from vlbench.reuse import find_same_run, resolve_init_from
 from vlbench.tasks.base import EvalContext, EvalResult, Task, dataset_files, to_device
 
 
@@ -228,7 +231,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.time()
     tcfg = cfg.trainer
     record = RunRecord(run_dir)
-    if record.result_path.exists():
+    if record.result_path.exists() and not cfg.reuse_finished:
         raise VlbenchError(f"{record.result_path}: this run already finished; choose another run directory")
     if tcfg.test_checkpoint not in ("best", "last"):
         raise VlbenchError(f"trainer.test_checkpoint={tcfg.test_checkpoint!r}: expected best or last")
@@ -263,6 +266,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     steps_per_epoch = max(1, micro_batches_per_epoch // tcfg.grad_accum_steps)
     if tcfg.epochs > 0:  # a budget in epochs (the papers' unit) becomes steps here, recorded in config.yaml
         tcfg.max_steps = math.ceil(tcfg.epochs * steps_per_epoch)
+    cfg.init_from = resolve_init_from(cfg)  # `pretrained` → that run's directory, recorded in config.yaml
+    if cfg.reuse_finished and resume_state is None:
+        same = find_same_run(Path(cfg.reuse_root), cfg, also=record.dir)
+        if same is not None:
+            tqdm.write(f"reuse_finished: {same} already ran this configuration; not running it again")
+            if same.resolve() != record.dir.resolve():
+                atomic_write_json(record.dir / "reused.json", {"run_dir": str(same)})
+            return json.loads((same / "result.json").read_text(encoding="utf-8"))
+        if record.result_path.exists():
+            raise VlbenchError(f"{record.result_path}: a run with another config finished here; choose another dir")
     if resume_state is not None:  # compared after the epoch budget became steps, as the saved config has it
         diffs = config_differences(semantic_config(record.saved_config()), semantic_config(cfg))
         if diffs:

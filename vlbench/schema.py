@@ -173,16 +173,21 @@ class ModelConfig:
 
 
 @dataclass
-class AlbefModelConfig(ModelConfig):
-    name: str = "albef"
-    # ViT image encoder (timm VisionTransformer)
+class VitTextModelConfig(ModelConfig):
+    """The sizes of a ViT image encoder (timm VisionTransformer) and of BERT-style text stacks (ALBEF, UNIMO-3)."""
+
     vit_patch_size: int = 16
     vit_hidden_size: int = 768
     vit_depth: int = 12
     vit_num_heads: int = 12
     vit_mlp_ratio: float = 4.0
-    # BERT text (first N layers) + fusion (last M layers with cross-attention)
     text: TextSizes = field(default_factory=TextSizes)
+
+
+@dataclass
+class AlbefModelConfig(VitTextModelConfig):
+    name: str = "albef"
+    # BERT text (first N layers) + fusion (last M layers with cross-attention)
     text_layers: int = 6
     fusion_layers: int = 6
     # contrastive + momentum
@@ -227,6 +232,47 @@ class LxmertModelConfig(ModelConfig):
 
 
 @dataclass
+class PixelBertModelConfig(ModelConfig):
+    name: str = "pixelbert"
+    # CNN backbone (timm, trained end to end): its feature map at ``cnn_out_index`` gives the pixel tokens
+    cnn: str = "resnet50"
+    cnn_kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model overrides (e.g. layers, channels)
+    cnn_out_index: int = 4  # timm features_only index: 4 = last ResNet stage (stride 32), 3 = stride 16
+    cnn_init: str | None = None  # local timm state dict for the CNN (never downloaded)
+    pixel_position: str = "none"  # none (the paper describes no pixel position signal) | learned_2d (row + column)
+    pixel_sample: int | None = 100  # pixels kept per image and step in pre-training (paper: 100); null: all
+    pixel_sample_in_finetune: bool = False  # the paper samples in pre-training only
+    # single-stream transformer over [text ; pixels]
+    text: TextSizes = field(default_factory=TextSizes)
+    num_layers: int = 12
+    # pre-training
+    mlm_probability: float = 0.15
+    matching_probability: float = 0.5  # a caption is paired with another caption's image with this probability
+    mlm_matched_only: bool = True  # MLM loss on matched pairs only
+    retrieval_negatives: int = 20  # native retrieval: negative captions ranked against each positive
+
+
+@dataclass
+class Unimo3ModelConfig(VitTextModelConfig):
+    name: str = "unimo3"
+    # every ViT block's and text layer's output is a level the cross-modal layers may read; `text` also sizes them
+    text_layers: int = 12
+    cross_layers: int = 6  # two-stream cross-modal layers
+    # multi-granularity interaction
+    cross_layer: bool = True  # false: in-layer interaction only (the ablation)
+    cross_layer_source: str = "unimodal"  # unimodal (every unimodal layer) | cross_modal (earlier cross-modal layers)
+    unimodal_levels: int = 0  # with source unimodal: the top N layers of each unimodal encoder (0: all)
+    gate: str = "adaptive"  # adaptive (softmax over levels from the query states) | average (uniform weights)
+    retrieval_cache: bool = True  # retrieval caches every unimodal level read (false: re-encode each pair)
+    # objectives
+    embed_dim: int = 256
+    temperature: float = 0.07
+    temperature_min: float = 0.001
+    temperature_max: float = 0.5
+    mlm_probability: float = 0.15
+
+
+@dataclass
 class TextOnlyModelConfig(ModelConfig):
     name: str = "textonly"
     text: TextSizes = field(default_factory=TextSizes)
@@ -260,6 +306,8 @@ class Config:
     run_id: str | None = None  # null: timestamp + short config hash
     resume: str | None = None  # a run directory to continue
     init_from: str | None = None  # a finished run directory or .safetensors file: its model weights start this run
+    reuse_finished: bool = False  # skip the run when one with the same config already finished under reuse_root
+    reuse_root: str = "results"  # searched by reuse_finished and by init_from=pretrained
     deterministic: bool = False
 
 
@@ -267,6 +315,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "model": {
         "albef": AlbefModelConfig,
         "lxmert": LxmertModelConfig,
+        "pixelbert": PixelBertModelConfig,
+        "unimo3": Unimo3ModelConfig,
         "textonly": TextOnlyModelConfig,
         "majority": MajorityModelConfig,
     },

@@ -1,0 +1,259 @@
+"""Pixel-BERT — Aligning Image Pixels with Text by Deep Multi-Modal Transformers (Huang et al., arXiv 2004.00849,
+2020; no official code was released).
+
+What we follow (see ../shared/specs/pixelbert.md):
+- Pixels: a CNN (a timm ResNet; ResNet-50 at base scale) trained end to end. Its feature map is flattened into
+  "pixel" tokens, each projected to the hidden size, plus one learned visual semantic embedding (the paper's s_v)
+  that marks the modality, then LayerNorm and dropout.
+- Words: BERT embeddings (word + position + segment), LayerNorm, dropout.
+- One single-stream BERT stack over [text ; pixels]; the pooled output is BERT's pooler, tanh(Linear([CLS])).
+- Random pixel sampling: in pre-training, ``pixel_sample`` of each image's pixel tokens (100 in the paper), a fresh
+  uniform draw per image at every step.
+- Pre-training, from one forward pass: ``mlm`` (BERT masking, 15 %, 80/10/10) and ``itm`` (a 2-way classifier on the
+  pooled output; with probability ``matching_probability`` a caption is shown another caption's image, never one of
+  its own image — ``image_ids``), returned separately.
+- Native heads: VQA/GQA and NLVR2 classify pooled outputs (``PooledMLPHead``: one pair, or NLVR2's two pairs
+  concatenated); retrieval ranks pairs by the ITM head's score (``head=native``: the model's ranking objective).
+
+Choices the paper leaves open (or that we could not check against its text offline), and ours — each a config field:
+- ``pixel_position``: ``none`` — the paper describes no position signal for pixel tokens (the CNN's receptive fields
+  carry some); ``learned_2d`` adds learned row + column embeddings, sized for ``image_size``.
+- ``pixel_sample_in_finetune``: false — the paper samples in pre-training only, so fine-tuning sees every pixel;
+  evaluation never samples. ``pixel_sample: null`` turns sampling off.
+- ``cnn``/``cnn_kwargs``/``cnn_out_index``: which timm network and which feature map (the paper: the last ResNet
+  stage). BatchNorm trains as timm's default (the paper says nothing about freezing it).
+- ``mlm_matched_only``: the MLM loss counts matched pairs only (a mismatched caption does not describe the pixels it
+  sees); both losses come from one forward pass over the masked batch, as LXMERT's reference does, rather than an
+  unmasked second pass for ITM.
+- The visual semantic embedding is added before the LayerNorm, as BERT adds its segment embedding.
+- VQA/NLVR2 heads: the paper puts a fully connected classifier on [CLS] without saying its depth; we use LXMERT's
+  two-layer MLP on the pooled output (the shared heads give the controlled comparison).
+- Retrieval fine-tuning: softmax cross-entropy of each caption's score with its image against ``retrieval_negatives``
+  captions of other images of the batch (drawn with replacement when the batch has fewer); the score is the ITM
+  head's log-odds, which orders pairs as P(match) does, so a pre-trained ITM head ranks from the start.
+- Nothing is pre-trained or downloaded: ``cnn_init`` loads a local timm state dict into the CNN. The transformer starts
+  from random weights (the paper starts from BERT-base).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vlbench.errors import VlbenchError
+from vlbench.models.base import Batch, JointEncoding, ModelContext, TextSizes, VisionLanguageModel
+from vlbench.models.checkpoints import read_state_dict
+from vlbench.models.layers import MaskedLMHead, PooledNativeHeads, TextEmbeddings, TransformerStack, init_bert_weights
+from vlbench.models.losses import mask_tokens, sample_mismatches
+from vlbench.registry import MODELS
+
+PIXEL_POSITIONS = ("none", "learned_2d")
+
+
+def build_cnn(cfg: DictConfig) -> nn.Module:
+    """The timm CNN cut at its ``cnn_out_index`` feature map (later stages and the classifier are not built), randomly
+    initialised: nothing is downloaded."""
+    import timm
+
+    kwargs = OmegaConf.to_container(cfg.cnn_kwargs) if isinstance(cfg.cnn_kwargs, DictConfig) else dict(cfg.cnn_kwargs)
+    try:
+        return timm.create_model(
+            cfg.cnn, pretrained=False, features_only=True, out_indices=(cfg.cnn_out_index,), **kwargs
+        )
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise VlbenchError(f"model.cnn={cfg.cnn} (cnn_kwargs {kwargs}, cnn_out_index {cfg.cnn_out_index}): {e}") from e
+
+
+def load_cnn_weights(cnn: nn.Module, path: str) -> None:
+    """A local timm state dict (e.g. ``resnet50`` from timm's release) into the CNN: every tensor of the cut network
+    must be there with our shape; tensors of stages we do not build (and the classifier) are ignored."""
+    what = "model.cnn_init"
+    state = read_state_dict(path, what)
+    ours = cnn.state_dict()
+    missing = [k for k in ours if k not in state]
+    if missing:
+        raise VlbenchError(
+            f"{what}={path}: {len(missing)} of the CNN's {len(ours)} tensors are missing "
+            f"({', '.join(missing[:6])}): not a state dict of model.cnn with these cnn_kwargs?"
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs ours {tuple(v.shape)}" for k, v in ours.items() if state[k].shape != v.shape
+    ]
+    if wrong:
+        raise VlbenchError(f"{what}={path}: tensors of another shape: {'; '.join(wrong[:6])}")
+    cnn.load_state_dict({k: state[k] for k in ours})
+
+
+def sample_pixels(tokens: torch.Tensor, count: int) -> torch.Tensor:
+    """Random pixel sampling: ``count`` of each image's pixel tokens (B, N, H) → (B, count, H), a uniform draw
+    without replacement, independent per image; every token when ``count`` ≥ N."""
+    batch, pixels, hidden = tokens.shape
+    if count >= pixels:
+        return tokens
+    keep = torch.rand(batch, pixels, device=tokens.device).topk(count, dim=1).indices  # (B, count)
+    return tokens.gather(1, keep[..., None].expand(-1, -1, hidden))
+
+
+class PixelEmbeddings(nn.Module):
+    """Images → pixel tokens (B, h·w, H): CNN feature map, flattened, Linear to the hidden size, + the visual semantic
+    embedding (+ learned row/column embeddings with ``learned_2d``), LayerNorm, dropout."""
+
+    def __init__(self, cfg: DictConfig, sizes: TextSizes, image_size: int):
+        super().__init__()
+        hidden = sizes.hidden_size
+        self.cnn = build_cnn(cfg)
+        self.proj = nn.Linear(self.cnn.feature_info.channels()[-1], hidden)
+        self.visual_type = nn.Parameter(torch.empty(hidden))
+        self.rows = self.cols = None
+        if cfg.pixel_position == "learned_2d":
+            side = math.ceil(image_size / self.cnn.feature_info.reduction()[-1])
+            self.rows, self.cols = nn.Embedding(side, hidden), nn.Embedding(side, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)
+        self.dropout = nn.Dropout(sizes.dropout)
+        for module in (self.proj, self.rows, self.cols, self.LayerNorm):
+            if module is not None:
+                init_bert_weights(module)
+        nn.init.normal_(self.visual_type, std=0.02)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feature_map = self.cnn(pixel_values)[-1]  # (B, C, h, w)
+        height, width = feature_map.shape[2:]
+        x = self.proj(feature_map.flatten(2).transpose(1, 2)) + self.visual_type  # (B, h·w, H), row-major
+        if self.rows is not None:
+            if height > self.rows.num_embeddings or width > self.cols.num_embeddings:
+                raise VlbenchError(
+                    f"a {height}×{width} feature map exceeds the {self.rows.num_embeddings}-wide learned_2d grid "
+                    "(sized for data.image_size)"
+                )
+            grid = self.rows.weight[:height, None] + self.cols.weight[None, :width]  # (h, w, H)
+            x = x + grid.reshape(height * width, -1)
+        return self.dropout(self.LayerNorm(x))
+
+
+@MODELS.register("pixelbert")
+class PixelBERT(PooledNativeHeads, VisionLanguageModel):
+    visual_input = "pixels"
+
+    def __init__(self, cfg: DictConfig, ctx: ModelContext):
+        super().__init__()
+        if cfg.pixel_position not in PIXEL_POSITIONS:
+            raise VlbenchError(f"model.pixel_position={cfg.pixel_position!r}: expected one of {PIXEL_POSITIONS}")
+        if cfg.pixel_sample is not None and cfg.pixel_sample < 1:
+            raise VlbenchError(f"model.pixel_sample={cfg.pixel_sample}: expected a positive count, or null for none")
+        if cfg.retrieval_negatives < 1:
+            raise VlbenchError(f"model.retrieval_negatives={cfg.retrieval_negatives}: expected at least 1")
+        self.cfg = cfg
+        self.ctx = ctx
+        sizes = TextSizes(**cfg.text)
+        h = self.hidden_size = sizes.hidden_size
+        self.embeddings = TextEmbeddings(ctx.vocab_size, sizes)
+        self.pixel_embeddings = PixelEmbeddings(cfg, sizes, ctx.image_size)
+        self.encoder = TransformerStack(sizes, cfg.num_layers)
+        self.pooler = nn.Linear(h, h)
+        self.mlm_head = MaskedLMHead(self.embeddings.word_embeddings)
+        self.itm_head = nn.Linear(h, 2)
+        for module in (self.embeddings, self.encoder, self.pooler, self.mlm_head, self.itm_head):
+            init_bert_weights(module)  # not the CNN: timm's own initialisation (or cnn_init) stays
+        if cfg.cnn_init:
+            load_cnn_weights(self.pixel_embeddings.cnn, cfg.cnn_init)
+
+    # ----- encoding -----------------------------------------------------------------------------------------------
+    def pixel_tokens(self, pixel_values: torch.Tensor, sample: bool) -> torch.Tensor:
+        """Pixel tokens (B, N, H); with ``sample`` and in training, ``pixel_sample`` of them per image."""
+        tokens = self.pixel_embeddings(pixel_values)
+        if sample and self.training and self.cfg.pixel_sample is not None:
+            tokens = sample_pixels(tokens, self.cfg.pixel_sample)
+        return tokens
+
+    def fuse(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_tokens: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> JointEncoding:
+        """The single-stream transformer over [text ; pixels]: tokens (B, L + N, H), their mask, pooled [CLS]."""
+        mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(pixel_tokens.shape[:2], dtype=torch.bool)], 1)
+        tokens = torch.cat([self.embeddings(input_ids, token_type_ids), pixel_tokens], dim=1)
+        states = self.encoder(tokens, mask)
+        return JointEncoding(pooled=torch.tanh(self.pooler(states[:, 0])), tokens=states, mask=mask)
+
+    def encode(self, batch: Batch) -> JointEncoding:
+        pixels = self.pixel_tokens(batch["pixel_values"], sample=self.cfg.pixel_sample_in_finetune)
+        return self.fuse(batch["input_ids"], batch["attention_mask"], pixels, batch.get("token_type_ids"))
+
+    # ----- pre-training -------------------------------------------------------------------------------------------
+    def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """MLM and ITM from one forward pass; the CNN runs once per image, mismatched captions reuse its tokens.
+        Uses the global RNG (pixels, mismatches, masks): the pretrain task forks it for evaluation."""
+        cfg, ctx = self.cfg, self.ctx
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        pixels = self.pixel_tokens(batch["pixel_values"], sample=True)
+        image, matched = sample_mismatches(
+            input_ids.shape[0], cfg.matching_probability, batch.get("image_ids"), input_ids.device
+        )
+        special = [ctx.pad_token_id, ctx.cls_token_id, ctx.sep_token_id]
+        masked_ids, labels = mask_tokens(
+            input_ids, attention_mask, ctx.vocab_size, ctx.mask_token_id, special, cfg.mlm_probability
+        )
+        if cfg.mlm_matched_only:
+            labels = labels.masked_fill(~matched[:, None], -100)
+        encoding = self.fuse(masked_ids, attention_mask, pixels[image], batch.get("token_type_ids"))
+        return {
+            "mlm": self._mlm_loss(encoding.tokens[:, : input_ids.shape[1]], labels),
+            "itm": F.cross_entropy(self.itm_head(encoding.pooled), matched.long()),
+        }
+
+    def _mlm_loss(self, text_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        chosen = labels != -100
+        if not chosen.any():  # nothing masked on a matched pair: a zero that keeps the head in the graph
+            return self.mlm_head(text_states[:0, 0]).sum()
+        return F.cross_entropy(self.mlm_head(text_states[chosen]), labels[chosen])
+
+    # ----- retrieval ----------------------------------------------------------------------------------------------
+    def _match_score(self, pooled: torch.Tensor) -> torch.Tensor:
+        logits = self.itm_head(pooled)
+        return logits[:, 1] - logits[:, 0]  # log-odds of a match: the order of P(match)
+
+    def match_scores(self, batch: Batch) -> torch.Tensor:
+        """The ITM head's log-odds per pair: retrieval ranks with it."""
+        return self._match_score(self.encode(batch).pooled)
+
+    def unimodal_tokens(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Each image's pixel tokens (the CNN runs once per image in retrieval); text needs no separate encoding."""
+        if "pixel_values" not in batch:
+            return {}
+        return {"pixel_tokens": self.pixel_tokens(batch["pixel_values"], sample=False)}
+
+    def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
+        encoding = self.fuse(tokens["input_ids"], tokens["attention_mask"], tokens["pixel_tokens"])
+        return self._match_score(encoding.pooled)
+
+    def retrieval_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """Ranking: softmax cross-entropy of each image's caption against ``retrieval_negatives`` captions of other
+        images of the batch (any other caption when the batch has only one image)."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        size, device = input_ids.shape[0], input_ids.device
+        if size < 2:
+            raise VlbenchError("Pixel-BERT retrieval needs a batch of at least 2 captions (negatives come from it)")
+        count = self.cfg.retrieval_negatives
+        rows = torch.arange(size, device=device)
+        others = rows[:, None] != rows[None, :]
+        allowed = others.clone()
+        if "image_ids" in batch:
+            allowed &= batch["image_ids"][:, None] != batch["image_ids"][None, :]
+        lacking = ~allowed.any(dim=1)
+        allowed[lacking] = others[lacking]
+        replacement = bool(allowed.sum(dim=1).min() < count)
+        negatives = torch.multinomial(allowed.float(), count, replacement=replacement)  # (B, count)
+        text_index = torch.cat([rows[:, None], negatives], dim=1).reshape(-1)  # positive first
+        pixels = self.pixel_tokens(batch["pixel_values"], sample=self.cfg.pixel_sample_in_finetune)
+        encoding = self.fuse(
+            input_ids[text_index], attention_mask[text_index], pixels.repeat_interleave(count + 1, dim=0)
+        )
+        scores = self._match_score(encoding.pooled).view(size, count + 1)
+        return {"itm_rank": F.cross_entropy(scores, torch.zeros(size, dtype=torch.long, device=device))}

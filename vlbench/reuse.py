@@ -1,0 +1,85 @@
+"""Finding finished runs: skip a run whose configuration already finished, and ``init_from=pretrained``.
+
+Why: a grid of models × tasks × seeds is re-launched after a failure or an extension; only what is missing should run
+(``reuse_finished=true``). And a fine-tuning grid must start each model × seed from *its* pre-training run without
+the user pasting run directories: ``init_from=pretrained`` finds the finished ``task=pretrain`` run of the same model
+configuration, scale, data and seed under ``reuse_root``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlbench.errors import VlbenchError
+from vlbench.results import config_differences, config_hash, semantic_config
+
+PRETRAINED = "pretrained"  # the init_from keyword
+
+
+def finished_runs(root: Path) -> list[tuple[Path, dict]]:
+    """(run dir, result record) of every finished run under ``root``, oldest first (by result.json mtime)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.rglob("result.json"):
+        try:
+            found.append((path.stat().st_mtime, path.parent, json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, json.JSONDecodeError):
+            continue  # a record being written or damaged is not a finished run
+    return [(run_dir, record) for _, run_dir, record in sorted(found, key=lambda t: t[0])]
+
+
+def find_same_run(root: Path, cfg: DictConfig, also: Path | None = None) -> Path | None:
+    """The newest finished run with this run's config hash (results-neutral keys excluded) under ``root`` or in the
+    run directory ``also`` (a re-launched sweep writes to the same directories, which may lie outside ``root``)."""
+    wanted = config_hash(cfg)
+    runs = finished_runs(root)
+    if also is not None and (Path(also) / "result.json").exists():
+        runs += [(Path(also), json.loads((Path(also) / "result.json").read_text(encoding="utf-8")))]
+    matches = [d for d, r in runs if r.get("config_hash") == wanted]
+    return matches[-1] if matches else None
+
+
+def find_pretrained(root: Path, cfg: DictConfig) -> Path:
+    """The newest finished pre-training run with this run's model config, scale, data and seed; a named error (with
+    the nearest candidate's differences) when there is none."""
+    want_model = semantic_config(cfg)["model"]
+    candidates = []
+    for run_dir, record in finished_runs(root):
+        if record.get("task") != "pretrain" or record.get("model") != cfg.model.name:
+            continue
+        if (record.get("scale"), record.get("data"), record.get("seed")) != (cfg.scale.name, cfg.data.name, cfg.seed):
+            continue
+        saved = run_dir / "config.yaml"
+        if not saved.exists():
+            continue
+        model = OmegaConf.to_container(OmegaConf.load(saved).model, resolve=True)
+        candidates.append((run_dir, config_differences(model, want_model, "model.")))
+    exact = [run_dir for run_dir, diffs in candidates if not diffs]
+    if exact:
+        return exact[-1]
+    where = f"model={cfg.model.name} scale={cfg.scale.name} data={cfg.data.name} seed={cfg.seed}"
+    if candidates:
+        run_dir, diffs = min(candidates, key=lambda c: len(c[1]))
+        raise VlbenchError(
+            f"init_from=pretrained: no finished pre-training run of {where} with this model config under {root}; "
+            f"nearest {run_dir} differs in {'; '.join(diffs[:5])}"
+        )
+    raise VlbenchError(
+        f"init_from=pretrained: no finished task=pretrain run of {where} under {root}; "
+        f"run it first (vlbench model={cfg.model.name} task=pretrain seed={cfg.seed} ...)"
+    )
+
+
+def resolve_init_from(cfg: DictConfig) -> str | None:
+    """``cfg.init_from`` with the ``pretrained`` keyword replaced by the run directory it names. A pre-training run
+    given the keyword starts from scratch — it *is* the pre-training — so one grid config serves both stages."""
+    if cfg.init_from != PRETRAINED:
+        return cfg.init_from
+    if cfg.task.name == "pretrain":
+        return None
+    return str(find_pretrained(Path(cfg.reuse_root), cfg))
