@@ -75,7 +75,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _setting_of(record: dict) -> str:
-    """The overrides that define the setting (seed excluded); older records without them fall back to the head."""
+    """The overrides that define the setting (seed excluded); empty for records written before runs kept them."""
     overrides = record.get("setting_overrides")
     return " ".join(overrides) if overrides else ""
 
