@@ -8,7 +8,10 @@ shapes), with attention through ``torch.nn.functional.scaled_dot_product_attenti
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -19,7 +22,13 @@ from vlbench.models.base import Batch, JointEncoding, ModelObjectives, TextSizes
 
 
 class MultiHeadAttention(nn.Module):
-    """Self- or cross-attention with separate Q/K/V projections (BERT's layout) and an output projection."""
+    """Self- or cross-attention with separate Q/K/V projections (BERT's layout) and an output projection.
+
+    ``eager`` (class-wide; see ``attention_implementation``) computes softmax(QKᵀ/√d)V with explicit matmuls, as
+    BERT's reference does, instead of ``scaled_dot_product_attention``: the same numbers, for measuring SDPA's gain.
+    """
+
+    eager: ClassVar[bool] = False
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, context_size: int | None = None):
         super().__init__()
@@ -53,10 +62,42 @@ class MultiHeadAttention(nn.Module):
         if causal:
             lower = torch.ones(length, k.shape[2], dtype=torch.bool, device=x.device).tril()
             attn_mask = lower if attn_mask is None else attn_mask & lower
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout = self.dropout if self.training else 0.0
+        if self.eager:
+            out = eager_attention(q, k, v, attn_mask, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return out.transpose(1, 2).reshape(b, length, hidden)
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, dropout: float
+) -> torch.Tensor:
+    """Attention the way BERT's reference writes it: scores, additive mask, softmax, dropout, weighted sum."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+    probs = F.dropout(scores.softmax(dim=-1), p=dropout, training=dropout > 0)
+    return probs @ v
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str, module: nn.Module | None = None) -> Iterator[None]:
+    """``"eager"`` or ``"sdpa"`` for every attention inside: our layers (class-wide) and timm's ViT blocks of
+    ``module`` (their ``fused_attn`` flag). For benchmarks; restores the previous setting on exit."""
+    if name not in ("eager", "sdpa"):
+        raise ValueError(f"attention implementation {name!r}: expected eager or sdpa")
+    timm_blocks = [m for m in (module.modules() if module is not None else []) if hasattr(m, "fused_attn")]
+    saved = MultiHeadAttention.eager, [m.fused_attn for m in timm_blocks]
+    MultiHeadAttention.eager = name == "eager"
+    for m in timm_blocks:
+        m.fused_attn = name == "sdpa"
+    try:
+        yield
+    finally:
+        MultiHeadAttention.eager = saved[0]
+        for m, fused in zip(timm_blocks, saved[1], strict=True):
+            m.fused_attn = fused
 
 
 class ResidualLayerNorm(nn.Module):

@@ -31,3 +31,63 @@ def test_pixelbert_bench_compares_sampling_on_and_off(capsys):
     assert "64 px → 16 pixels" in out
     assert "sampled:" in out and "8 pixels)" in out and "all pixels:" in out and "16 pixels)" in out
     assert "speed-up of pixel sampling:" in out
+
+
+def test_models_bench_writes_table_json_and_history(cache_dir, tmp_path, capsys):
+    import json
+
+    from tests.conftest import SMALL_WORLD
+    from vlbench.bench_models import save_record
+
+    out_json, history = tmp_path / "latest.json", tmp_path / "history.jsonl"
+    args = ["models", "--models", "textonly", "--steps", "1", "--warmup", "0", "--eager-steps", "1"]
+    args += ["--loader-batches", "2", "--gemm-size", "256", "--json", str(out_json), "--history", str(history)]
+    main([*args, *SMALL_WORLD, "trainer.batch_size=8"])
+    assert "util = achieved FLOP/s" in capsys.readouterr().out
+    record = json.loads(out_json.read_text())
+    row = record["rows"][0]
+    assert row["model"] == "textonly" and row["batch_size"] == 8 and row["params"] > 0
+    assert row["flops_per_sample"] > 0 and row["utilisation"] > 0 and row["peak_memory_mb"] > 0
+    for key in ("train_samples_per_s", "eval_samples_per_s", "loader_samples_per_s", "eager_attention_samples_per_s"):
+        assert row[key] > 0, key
+    assert record["git_sha"] and record["matmul_flops"] > 0
+    save_record(record, None, str(history))
+    assert len(history.read_text().splitlines()) == 2  # appended, not overwritten
+
+
+def test_models_bench_reports_a_failing_model_as_a_row():
+    import argparse
+
+    from vlbench.bench_models import _child, format_table
+
+    rows = []
+    args = argparse.Namespace(threads=0, task="vqa", device="cpu", overrides=[])
+    _child("nosuchmodel", "tiny", args, SimpleQueue(rows))
+    assert rows[0]["model"] == "nosuchmodel" and "nosuchmodel" in rows[0]["error"]
+    assert "failed:" in format_table(rows, 1e9, None)
+
+
+class SimpleQueue:
+    def __init__(self, items: list):
+        self.items = items
+
+    def put(self, item) -> None:
+        self.items.append(item)
+
+
+def test_eager_attention_equals_sdpa():
+    import torch
+
+    from vlbench.models.layers import MultiHeadAttention, attention_implementation
+
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(32, 4, dropout=0.0).eval()
+    x, context = torch.randn(3, 5, 32), torch.randn(3, 7, 32)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 4:] = False
+    for kwargs in ({"context": context, "context_mask": mask}, {"causal": True}):
+        sdpa = attention(x, **kwargs)
+        with attention_implementation("eager"):
+            eager = attention(x, **kwargs)
+        torch.testing.assert_close(eager, sdpa, atol=1e-6, rtol=1e-5)
+    assert not MultiHeadAttention.eager  # restored

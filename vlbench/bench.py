@@ -1,4 +1,8 @@
-"""`vlbench-bench`: speed comparisons of our models against their reference implementations (not tests).
+"""`vlbench-bench`: speed of our models against the machine's limit and their reference implementations (not tests).
+
+vlbench-bench models [--models albef,lxmert,pixelbert,unimo3] [--scales tiny,base] [--task vqa] [overrides ...]
+    Every model × scale: training/eval/loader samples/s, FLOPs per sample, utilisation of the measured matmul rate,
+    peak memory, SDPA vs eager attention; a table, JSON and a history line (see ``vlbench.bench_models``).
 
 vlbench-bench lxmert [--scale tiny|base] [--batch-size 8] [--steps 4] [--warmup 1] [--threads N] [--device cpu]
     Training-step throughput of our LXMERT vs transformers' ``LxmertForPreTraining`` with the same config, weights,
@@ -24,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from vlbench.bench_models import add_parser as add_models_parser
 from vlbench.models.base import ModelContext
 
 BERT_VOCAB = 30522  # bert-base-uncased, LXMERT's tokenizer
@@ -338,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     b.add_argument("--device", default="cpu")
     b.set_defaults(func=bench_pixelbert)
+    add_models_parser(sub)
     args = parser.parse_args(argv)
     args.func(args)
 
