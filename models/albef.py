@@ -13,6 +13,11 @@ What we follow (see ../shared/specs/albef.md):
   sampled ∝ softmax(ITC similarity) over the batch, positive excluded.
 - MLM: BERT 15 % masking (80/10/10), predicted by the fusion encoder conditioned on the image, distilled from the
   momentum model's predictions.
+- Several processes (torchrun DDP): ITC's in-batch columns are every process's momentum features, the queues take
+  every process's batch, the ITM negatives are drawn from the whole global batch (every process's token states,
+  gathered with gradients) and the MLM loss is a mean over the global batch's masked tokens, with masks and
+  negatives drawn for the global batch (``models/global_batch.py``): N processes train as one process on the
+  global batch. The reference samples ITM negatives within each GPU's batch and averages MLM per GPU.
 
 Choices the paper leaves open, and ours:
 - The queue is a ring buffer that wraps around, so its size need not be a multiple of the batch size (the reference
@@ -67,6 +72,7 @@ from vlbench.models.layers import (
     init_bert_weights,
 )
 from vlbench.models.losses import (
+    BatchShard,
     all_gather_batch,
     distillation_targets,
     enqueue,
@@ -74,7 +80,6 @@ from vlbench.models.losses import (
     mask_tokens,
     momentum_update,
     sample_hard_negatives,
-    soft_cross_entropy,
     text_assignment_pairs,
 )
 from vlbench.registry import MODELS
@@ -196,7 +201,10 @@ class ALBEF(VisionLanguageModel):
     def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """ITC + ITM + MLM as in the reference ``ALBEF.forward`` (pre-training), each returned separately."""
         losses, image_tokens, image_tokens_m, alpha = self._align_and_match(batch, step)
-        losses["mlm"] = self._mlm_loss(batch["input_ids"], batch["attention_mask"], image_tokens, image_tokens_m, alpha)
+        shard = self.batch_shard(batch["input_ids"].shape[0])
+        losses["mlm"] = self._mlm_loss(
+            batch["input_ids"], batch["attention_mask"], image_tokens, image_tokens_m, alpha, shard
+        )
         return losses
 
     def retrieval_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
@@ -231,6 +239,7 @@ class ALBEF(VisionLanguageModel):
         Returns (losses, online image tokens, momentum image tokens, alpha) so MLM can reuse the image encodings.
         """
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        shard = self.batch_shard(input_ids.shape[0])
         alpha = self.alpha_at(step)
         if self.training:
             with torch.no_grad():
@@ -248,9 +257,9 @@ class ALBEF(VisionLanguageModel):
         image_ids = batch.get("image_ids")
         positives = same_image = None
         if image_ids is not None:
-            ids_all = torch.cat([image_ids, self.id_queue])
+            ids_all = torch.cat([shard.gather(image_ids), self.id_queue])
             positives = image_ids.view(-1, 1) == ids_all.view(1, -1)
-            same_image = positives[:, : image_ids.shape[0]]
+            same_image = positives[:, : shard.global_size]
         loss_itc, sim_i2t, sim_t2i = image_text_contrastive_loss(
             image_feat,
             text_feat,
@@ -261,11 +270,12 @@ class ALBEF(VisionLanguageModel):
             self.temp,
             alpha,
             positives,
+            shard,
         )
         if self.training:
             self._dequeue_and_enqueue(image_feat_m, text_feat_m, image_ids)
 
-        loss_itm = self._itm_loss(text_tokens, attention_mask, image_tokens, sim_i2t, sim_t2i, same_image)
+        loss_itm = self._itm_loss(text_tokens, attention_mask, image_tokens, sim_i2t, sim_t2i, same_image, shard)
         return {"itc": loss_itc, "itm": loss_itm}, image_tokens, image_tokens_m, alpha
 
     @torch.no_grad()
@@ -284,20 +294,30 @@ class ALBEF(VisionLanguageModel):
         self.queue_ptr.fill_((start + image_feat_m.shape[0]) % self.image_queue.shape[1])
 
     # ----- objectives ---------------------------------------------------------------------------------------------
-    def _itm_loss(self, text_tokens, attention_mask, image_tokens, sim_i2t, sim_t2i, same_image) -> torch.Tensor:
+    def _itm_loss(
+        self, text_tokens, attention_mask, image_tokens, sim_i2t, sim_t2i, same_image, shard: BatchShard
+    ) -> torch.Tensor:
         batch = text_tokens.shape[0]
-        neg_text_for_image, neg_image_for_text = sample_hard_negatives(sim_i2t, sim_t2i, same_image)
+        # negatives are indices into the global batch: every process's tokens, gradients going back to their owner
+        neg_text_for_image, neg_image_for_text = sample_hard_negatives(sim_i2t, sim_t2i, same_image, shard)
         positive = self.online.fuse(text_tokens, attention_mask, image_tokens)[:, 0]
+        all_texts, all_masks = shard.gather(text_tokens, with_grad=True), shard.gather(attention_mask)
+        all_images = shard.gather(image_tokens, with_grad=True)
+        rows = shard.rows(text_tokens.device)
         # negatives: (every text, its hard negative image) then (every image, its hard negative text)
-        neg_texts = torch.cat([text_tokens, text_tokens[neg_text_for_image]])
-        neg_masks = torch.cat([attention_mask, attention_mask[neg_text_for_image]])
-        neg_images = torch.cat([image_tokens[neg_image_for_text], image_tokens])
+        neg_texts = torch.cat([all_texts[rows], all_texts[neg_text_for_image]])
+        neg_masks = torch.cat([all_masks[rows], all_masks[neg_text_for_image]])
+        neg_images = torch.cat([all_images[neg_image_for_text], all_images[rows]])
         negative = self.online.fuse(neg_texts, neg_masks, neg_images)[:, 0]
         logits = self.itm_head(torch.cat([positive, negative]))
         labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
         return F.cross_entropy(logits, labels)
 
-    def _mlm_loss(self, input_ids, attention_mask, image_tokens, image_tokens_m, alpha) -> torch.Tensor:
+    def _mlm_loss(
+        self, input_ids, attention_mask, image_tokens, image_tokens_m, alpha, shard: BatchShard
+    ) -> torch.Tensor:
+        """Mean over the (global) batch's masked tokens; nothing masked here still keeps every MLM weight in the
+        graph (a zero), as DDP needs."""
         special = [self.ctx.pad_token_id, self.ctx.cls_token_id, self.ctx.sep_token_id]
         masked_ids, labels = mask_tokens(
             input_ids,
@@ -306,10 +326,9 @@ class ALBEF(VisionLanguageModel):
             self.ctx.mask_token_id,
             special,
             self.cfg.mlm_probability,
+            shard=shard,
         )
         chosen = labels != -100
-        if not chosen.any():  # nothing masked in this batch (tiny texts): contribute a zero that keeps the graph
-            return self.online.mlm_head.dense.weight.sum() * 0.0
         text_tokens = self.online.text_encoder(masked_ids, attention_mask)
         logits = self.online.mlm_head(self.online.fuse(text_tokens, attention_mask, image_tokens))[chosen]
         hard = F.one_hot(labels[chosen], self.ctx.vocab_size).float()
@@ -321,7 +340,8 @@ class ALBEF(VisionLanguageModel):
             targets = distillation_targets(logits_m, hard, alpha)
         else:
             targets = hard
-        return soft_cross_entropy(logits, targets)
+        per_token = -(F.log_softmax(logits, dim=-1) * targets).sum(dim=-1)  # soft cross-entropy per masked token
+        return shard.mean(per_token.sum(), chosen.sum())
 
 
 def decoder_from_fusion(towers: AlbefTowers, sizes: TextSizes, vocab_size: int) -> AnswerDecoder:

@@ -24,6 +24,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from vlbench.models.global_batch import BatchShard
+
 
 @dataclass
 class TextSizes:
@@ -46,6 +48,9 @@ class ModelContext:
     image_size: int
     num_groups: int = 1
     steps_per_epoch: int = 0  # optimiser steps per pass over the training split (0: unknown); for schedules in epochs
+    # per-example randomness in training (masks, negatives, mismatches): the runner reseeds it from (seed, step) on
+    # every process, so the draws for the global batch are the same however many processes share it (None: global RNG)
+    sample_generator: torch.Generator | None = None
 
     @classmethod
     def for_tokenizer(cls, tokenizer, image_size: int, **extra) -> ModelContext:
@@ -79,6 +84,12 @@ class VisionLanguageModel(nn.Module):
 
     def encode(self, batch: Batch) -> JointEncoding:
         raise NotImplementedError
+
+    def batch_shard(self, size: int) -> BatchShard:
+        """In training, this process's ``size`` rows of the step's global batch (``models/global_batch.py``); in
+        evaluation a whole batch. Objectives that look across examples or draw per example go through it."""
+        ctx = getattr(self, "ctx", None)
+        return BatchShard.of(size, self.training, getattr(ctx, "sample_generator", None))
 
     def native_head(
         self, kind: str, num_outputs: int, answer_token_ids: list[list[int]] | None = None

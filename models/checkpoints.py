@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from vlbench.errors import VlbenchError
+from vlbench.safe_load import read_checkpoint
 
 WB = ("weight", "bias")
 
@@ -56,7 +57,10 @@ def attention_block_pairs(
 
 def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     """A state dict from a local ``.safetensors`` or torch file (also a directory holding ``model.safetensors`` or
-    ``pytorch_model.bin``); a training checkpoint's ``{"model": ...}`` / ``{"state_dict": ...}`` is unwrapped."""
+    ``pytorch_model.bin``); a training checkpoint's ``{"model": ...}`` / ``{"state_dict": ...}`` is unwrapped.
+
+    Reference checkpoints come from anywhere: torch files are read with ``weights_only=True`` (vlbench.safe_load), so
+    a pickle that would run code is refused, and every failure is one line starting ``<what>=<path>``."""
     path = Path(path).expanduser()
     if path.is_dir():
         for name in ("model.safetensors", "pytorch_model.bin"):
@@ -67,15 +71,7 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
             raise VlbenchError(f"{what}={path}: a directory without model.safetensors or pytorch_model.bin")
     if not path.is_file():
         raise VlbenchError(f"{what}={path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle/zip errors come in many types
-            raise VlbenchError(f"{what}={path}: not a readable torch checkpoint ({e})") from e
+    state = read_checkpoint(path, f"{what}={path}")  # torch files as data only: a pickle with code is refused
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

@@ -1,12 +1,33 @@
 """Pre-training losses shared by the families: ITC with momentum distillation, ITM hard negatives, MLM masking.
 
 Written once here (as open_clip keeps its contrastive loss in one module) so every family computes them the same way.
+Each takes an optional ``BatchShard`` (``models/global_batch.py``): under torchrun DDP it makes in-batch columns,
+negatives and random draws those of the step's global batch, so N processes compute what one process computes; without
+one the batch is whole and draws use the global RNG (or ``generator``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from vlbench.models.global_batch import BatchShard, all_gather_batch
+
+__all__ = [
+    "BatchShard",
+    "all_gather_batch",
+    "distillation_targets",
+    "enqueue",
+    "image_text_contrastive_loss",
+    "in_batch_contrastive_loss",
+    "itm_pair_indices",
+    "mask_tokens",
+    "momentum_update",
+    "sample_hard_negatives",
+    "sample_mismatches",
+    "soft_cross_entropy",
+    "text_assignment_pairs",
+]
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -29,21 +50,23 @@ def image_text_contrastive_loss(
     temperature: torch.Tensor,
     alpha: float,
     positives: torch.Tensor | None = None,
+    shard: BatchShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ITC in both directions against in-batch momentum features plus the queues, with distilled targets.
 
-    image_feat/text_feat: (B, D) L2-normalised online features; *_m the momentum ones (no grad);
-    queues: (D, Q). ``positives`` (B, B + Q) marks every column that shows the same image as the row (ALBEF's
-    retrieval fine-tuning: all captions of an image are positives, weighted equally); default: the diagonal only.
-    Returns (loss, sim_i2t, sim_t2i) where sims are (B, B + Q), online vs momentum + queue.
+    image_feat/text_feat: (b, D) L2-normalised online features of this process's rows; *_m the momentum ones (no
+    grad), whose gather over processes gives the B in-batch columns of the global batch; queues: (D, Q).
+    ``positives`` (b, B + Q) marks every column that shows the same image as the row (ALBEF's retrieval fine-tuning:
+    all captions of an image are positives, weighted equally); default: the row's own pair only. A mean over rows:
+    DDP's average over processes is the mean over the global batch. Returns (loss, sim_i2t, sim_t2i) where sims are
+    (b, B + Q), online vs momentum + queue.
     """
-    batch = image_feat.shape[0]
+    shard = shard or BatchShard(image_feat.shape[0])
     with torch.no_grad():
-        image_feat_all = torch.cat([image_feat_m.t(), image_queue], dim=1)  # (D, B + Q)
-        text_feat_all = torch.cat([text_feat_m.t(), text_queue], dim=1)
+        image_feat_all = torch.cat([shard.gather(image_feat_m).t(), image_queue], dim=1)  # (D, B + Q)
+        text_feat_all = torch.cat([shard.gather(text_feat_m).t(), text_queue], dim=1)
         if positives is None:
-            hard = torch.zeros(batch, image_feat_all.shape[1], device=image_feat.device)
-            hard.fill_diagonal_(1)
+            hard = F.pad(shard.own_columns(image_feat.device).float(), (0, image_queue.shape[1]))
         else:
             hard = positives.float() / positives.float().sum(dim=1, keepdim=True)
         i2t_targets = distillation_targets(image_feat_m @ text_feat_all / temperature, hard, alpha)
@@ -55,31 +78,35 @@ def image_text_contrastive_loss(
 
 
 def sample_hard_negatives(
-    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, same_image: torch.Tensor | None = None
+    sim_i2t: torch.Tensor,
+    sim_t2i: torch.Tensor,
+    same_image: torch.Tensor | None = None,
+    shard: BatchShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image a negative text, for each text a negative image, drawn ∝ softmax(similarity), never the positive.
 
-    sim_*: (B, ≥B) similarities whose first B columns are the in-batch pairs. ``same_image`` (B, B) excludes pairs
-    that show the same image (several captions of one image in a batch). Returns (negative text index per image,
-    negative image index per text), each (B,). As in ALBEF, 1e-4 is added so an all-zero row cannot occur.
+    sim_*: (b, ≥B) similarities of this process's b rows whose first B columns are the pairs of the (global) batch.
+    ``same_image`` (b, B) excludes pairs that show the same image (several captions of one image in a batch).
+    Returns (negative text index per image, negative image index per text), each (b,), indices into the global batch.
+    As in ALBEF, 1e-4 is added so an all-zero row cannot occur.
     """
-    batch = sim_i2t.shape[0]
+    shard = shard or BatchShard(sim_i2t.shape[0])
+    batch = shard.global_size
     if batch < 2:
         raise ValueError("ITM hard negatives need a batch of at least 2 pairs")
     with torch.no_grad():
-        weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1) + 1e-4
-        weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1) + 1e-4
-        weights_i2t.fill_diagonal_(0)
-        weights_t2i.fill_diagonal_(0)
+        own = shard.own_columns(sim_i2t.device)
+        weights_i2t = (F.softmax(sim_i2t[:, :batch].float(), dim=1) + 1e-4).masked_fill(own, 0)
+        weights_t2i = (F.softmax(sim_t2i[:, :batch].float(), dim=1) + 1e-4).masked_fill(own, 0)
         if same_image is not None:
             weights_i2t.masked_fill_(same_image, 0)
             weights_t2i.masked_fill_(same_image, 0)
             # a batch made only of one image's captions has no negative: fall back to any other pair
             empty = weights_i2t.sum(dim=1) == 0
-            weights_i2t[empty] = 1.0 - torch.eye(batch, device=weights_i2t.device)[empty]
-            weights_t2i[empty] = 1.0 - torch.eye(batch, device=weights_t2i.device)[empty]
-        neg_text_for_image = torch.multinomial(weights_i2t, 1).squeeze(1)
-        neg_image_for_text = torch.multinomial(weights_t2i, 1).squeeze(1)
+            weights_i2t[empty] = (~own[empty]).float()
+            weights_t2i[empty] = (~own[empty]).float()
+        neg_text_for_image = shard.choose(weights_i2t).squeeze(1)
+        neg_image_for_text = shard.choose(weights_t2i).squeeze(1)
     return neg_text_for_image, neg_image_for_text
 
 
@@ -100,24 +127,25 @@ def itm_pair_indices(
 
 
 def in_batch_contrastive_loss(
-    image_feat: torch.Tensor, text_feat: torch.Tensor, temperature: torch.Tensor, image_ids: torch.Tensor | None = None
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    temperature: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    shard: BatchShard | None = None,
 ) -> torch.Tensor:
     """ITC without momentum encoder or queue (CLIP-style, symmetric): each process's rows against the features of
     every process (gathered with gradients), so the negatives are the global batch.
 
-    image_feat/text_feat: (B, D) L2-normalised, row i of both one pair. ``image_ids`` (B,): every column showing the
+    image_feat/text_feat: (b, D) L2-normalised, row i of both one pair. ``image_ids`` (b,): every column showing the
     row's image is a positive, weighted equally (several captions of one image in a batch); default: the pair only.
     """
-    import torch.distributed as dist
-
-    image_all = all_gather_batch(image_feat, with_grad=True)  # (B · world, D)
-    text_all = all_gather_batch(text_feat, with_grad=True)
+    shard = shard or BatchShard(image_feat.shape[0])
+    image_all = shard.gather(image_feat, with_grad=True)  # (B, D)
+    text_all = shard.gather(text_feat, with_grad=True)
     if image_ids is None:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        columns = rank * image_feat.shape[0] + torch.arange(image_feat.shape[0], device=image_feat.device)
-        positives = F.one_hot(columns, image_all.shape[0]).float()
+        positives = shard.own_columns(image_feat.device).float()
     else:
-        positives = (image_ids.view(-1, 1) == all_gather_batch(image_ids).view(1, -1)).float()
+        positives = (image_ids.view(-1, 1) == shard.gather(image_ids).view(1, -1)).float()
     targets = positives / positives.sum(dim=1, keepdim=True)
     sim_i2t = image_feat @ text_all.t() / temperature
     sim_t2i = text_feat @ image_all.t() / temperature
@@ -132,47 +160,52 @@ def mask_tokens(
     special_token_ids: list[int],
     probability: float,
     generator: torch.Generator | None = None,
+    shard: BatchShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: choose `probability` of the real tokens; of those 80% → [MASK], 10% → random token, 10% kept.
 
     Returns (masked input ids, labels with −100 where not chosen). Special tokens and padding are never chosen.
+    Draws come from ``shard`` (a process's rows of the global batch's draws), else from ``generator``.
     """
-    device = input_ids.device
-    probs = torch.full(input_ids.shape, probability, device=device)
+    shard = shard or BatchShard(input_ids.shape[0], generator=generator)
+    draws = shard.uniform(input_ids.shape[1], 3, device=input_ids.device)  # (B, L, 3): choose, kind, random id
     never = ~attention_mask.bool()
     for token_id in special_token_ids:
         never |= input_ids == token_id
-    probs.masked_fill_(never, 0.0)
-    chosen = torch.bernoulli(probs, generator=generator).bool()
+    chosen = (draws[..., 0] < probability) & ~never
     labels = input_ids.masked_fill(~chosen, -100)
     masked = input_ids.clone()
-    to_mask = torch.bernoulli(torch.full(input_ids.shape, 0.8, device=device), generator=generator).bool() & chosen
+    to_mask = chosen & (draws[..., 1] < 0.8)
+    to_random = chosen & (draws[..., 1] >= 0.8) & (draws[..., 1] < 0.9)
     masked[to_mask] = mask_token_id
-    to_random = (
-        torch.bernoulli(torch.full(input_ids.shape, 0.5, device=device), generator=generator).bool() & chosen & ~to_mask
-    )
-    random_ids = torch.randint(vocab_size, input_ids.shape, device=device, generator=generator)
+    random_ids = (draws[..., 2] * vocab_size).long().clamp(max=vocab_size - 1)
     masked[to_random] = random_ids[to_random]
     return masked, labels
 
 
 def sample_mismatches(
-    batch_size: int, probability: float, image_ids: torch.Tensor | None, device: torch.device
+    batch_size: int,
+    probability: float,
+    image_ids: torch.Tensor | None,
+    device: torch.device,
+    shard: BatchShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ITM mismatching: which pair's sentence (LXMERT) or image (Pixel-BERT) each pair gets — its own, or with
-    ``probability`` another pair's, never one of the same image (``image_ids``).
+    ``probability`` another pair's of the (global) batch, never one of the same image (``image_ids``).
 
-    Returns (partner index (B,), matched (B,) bool). A pair whose batch has no other image stays matched.
+    Returns (partner index into the global batch (b,), matched (b,) bool). A pair whose batch has no other image
+    stays matched.
     """
-    index = torch.arange(batch_size, device=device)
-    allowed = index[:, None] != index[None, :]
+    shard = shard or BatchShard(batch_size)
+    index = shard.rows(device)
+    allowed = ~shard.own_columns(device)
     if image_ids is not None:
-        allowed &= image_ids[:, None] != image_ids[None, :]
+        allowed &= image_ids[:, None] != shard.gather(image_ids)[None, :]
     has_other = allowed.any(dim=1)
-    flip = (torch.rand(batch_size, device=device) < probability) & has_other
+    flip = (shard.uniform(device=device) < probability) & has_other
     weights = allowed.float()
-    weights[~has_other, index[~has_other]] = 1.0  # a row multinomial can draw from; never used (flip is False)
-    other = torch.multinomial(weights, 1).squeeze(1)
+    weights[~has_other] = shard.own_columns(device)[~has_other].float()  # drawable rows; unused (flip is False)
+    other = shard.choose(weights).squeeze(1)
     return torch.where(flip, other, index), ~flip
 
 
@@ -181,23 +214,6 @@ def momentum_update(online: torch.nn.Module, momentum_model: torch.nn.Module, mo
     """EMA: θ_m ← m · θ_m + (1 − m) · θ (parameters only, as in ALBEF/MoCo)."""
     for p_m, p in zip(momentum_model.parameters(), online.parameters(), strict=True):
         p_m.mul_(momentum).add_(p.detach(), alpha=1 - momentum)
-
-
-def all_gather_batch(tensor: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
-    """The concatenation over processes of every rank's (B, ...) tensor, in rank order; the tensor itself when not
-    distributed. ``with_grad``: gradients flow back to each rank's own slice (``torch.distributed.nn``'s all_gather),
-    otherwise the result is detached (ALBEF's ``concat_all_gather`` for the momentum features that fill the queues)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    if with_grad:
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(tensor), dim=0)
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.detach().contiguous())
-    return torch.cat(parts, dim=0)
 
 
 @torch.no_grad()

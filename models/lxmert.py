@@ -39,6 +39,10 @@ Choices the paper leaves open, and ours:
   reference's additive mask spreads attention uniformly over padding.
 - MLM and object logits are computed only where a loss needs them (the reference computes them everywhere and masks
   the loss): the same losses, less work.
+- Several processes (torchrun DDP): mismatched sentences and replacement features come from the whole global batch,
+  every random draw is made for the global batch (``models/global_batch.py``) and the MLM, object and QA losses are
+  means over the global batch's masked tokens, real regions and answerable pairs: N processes train as one process on
+  the global batch.
 - Nothing is pre-trained or downloaded: ``init_checkpoint`` loads a local file of the reference's weights (the
   original release or a transformers ``LxmertModel``/``LxmertForPreTraining`` state dict).
 """
@@ -74,7 +78,7 @@ from vlbench.models.layers import (
     TransformerStack,
     init_bert_weights,
 )
-from vlbench.models.losses import mask_tokens, sample_mismatches
+from vlbench.models.losses import BatchShard, mask_tokens, sample_mismatches
 from vlbench.registry import MODELS
 
 
@@ -159,30 +163,34 @@ class PretrainInputs:
     attr_conf: torch.Tensor | None = None
     qa_answers: torch.Tensor | None = None  # (B,) one sampled answer per QA pair, -100 elsewhere; None: no QA
     token_type_ids: torch.Tensor | None = None
+    shard: BatchShard | None = None  # these rows' place in the step's global batch (None: a whole batch)
 
 
 def mask_regions(
-    features: torch.Tensor, region_mask: torch.Tensor, probability: float
+    features: torch.Tensor, region_mask: torch.Tensor, probability: float, shard: BatchShard | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's ``random_feat``: choose ``probability`` of the real regions; of those 80 % → zeros, 10 % →
-    another real region's feature (from the batch), 10 % kept. Returns (masked features, chosen (B, K) bool)."""
-    chosen = (torch.rand(region_mask.shape, device=features.device) < probability) & region_mask
-    draw = torch.rand(region_mask.shape, device=features.device)
+    another real region's feature (from the global batch), 10 % kept. Returns (masked features, chosen (B, K) bool)."""
+    shard = shard or BatchShard(features.shape[0])
+    draws = shard.uniform(region_mask.shape[1], 3, device=features.device)  # (B, K, 3): choose, kind, which
+    chosen = (draws[..., 0] < probability) & region_mask
     masked = features.clone()
-    masked[chosen & (draw < 0.8)] = 0.0
-    replace = chosen & (draw >= 0.8) & (draw < 0.9)
-    real = features[region_mask]  # (N_real, D)
+    masked[chosen & (draws[..., 1] < 0.8)] = 0.0
+    replace = chosen & (draws[..., 1] >= 0.8) & (draws[..., 1] < 0.9)
+    real = shard.gather(features)[shard.gather(region_mask)]  # (N_real, D) of the global batch, in its order
     if replace.any():
-        masked[replace] = real[torch.randint(real.shape[0], (int(replace.sum()),), device=features.device)]
+        which = (draws[..., 2] * real.shape[0]).long().clamp(max=real.shape[0] - 1)
+        masked[replace] = real[which[replace]]
     return masked, chosen
 
 
-def sample_answers(scores: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+def sample_answers(scores: torch.Tensor, usable: torch.Tensor, shard: BatchShard | None = None) -> torch.Tensor:
     """One answer per usable row drawn ∝ its soft scores (the reference's QA label); -100 where none."""
+    shard = shard or BatchShard(scores.shape[0])
     scores = scores.float().clamp(min=0)
     usable = usable & (scores.sum(dim=1) > 0)
     weights = torch.where(usable[:, None], scores, torch.ones_like(scores))
-    drawn = torch.multinomial(weights, 1).squeeze(1)
+    drawn = shard.choose(weights).squeeze(1)
     return torch.where(usable, drawn, torch.full_like(drawn, -100))
 
 
@@ -247,11 +255,13 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
 
     def corrupt(self, batch: Batch, step: int) -> PretrainInputs:
         """The random part of pre-training (mismatch sentences, mask words and objects, draw QA answers), in the
-        order the reference applies it. Uses the global RNG: the pretrain task forks it for evaluation."""
+        order the reference applies it. In evaluation it uses the global RNG (the pretrain task forks it); in
+        training the draws are the global batch's (``batch_shard``)."""
         cfg = self.cfg
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         features = batch["region_features"]
         batch_size, device = input_ids.shape[0], input_ids.device
+        shard = self.batch_shard(batch_size)
         region_mask = batch.get("region_mask")
         region_mask = (
             torch.ones(features.shape[:2], dtype=torch.bool, device=device)
@@ -259,15 +269,27 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
             else region_mask.bool()
         )
 
-        sentence, matched = sample_mismatches(batch_size, cfg.matching_probability, batch.get("image_ids"), device)
-        input_ids, attention_mask = input_ids[sentence], attention_mask[sentence]
-        token_type_ids = batch.get("token_type_ids")
-        token_type_ids = None if token_type_ids is None else token_type_ids[sentence]
-        special = [self.ctx.pad_token_id, self.ctx.cls_token_id, self.ctx.sep_token_id]
-        masked_ids, mlm_labels = mask_tokens(
-            input_ids, attention_mask, self.ctx.vocab_size, self.ctx.mask_token_id, special, cfg.mlm_probability
+        sentence, matched = sample_mismatches(
+            batch_size, cfg.matching_probability, batch.get("image_ids"), device, shard
+        )  # sentence: an index into the global batch
+        pad = self.ctx.pad_token_id
+        input_ids, attention_mask = (
+            shard.gather(input_ids, pad_value=pad)[sentence],
+            shard.gather(attention_mask)[sentence],
         )
-        masked_features, masked_regions = mask_regions(features, region_mask, cfg.object_mask_probability)
+        token_type_ids = batch.get("token_type_ids")
+        token_type_ids = None if token_type_ids is None else shard.gather(token_type_ids)[sentence]
+        special = [pad, self.ctx.cls_token_id, self.ctx.sep_token_id]
+        masked_ids, mlm_labels = mask_tokens(
+            input_ids,
+            attention_mask,
+            self.ctx.vocab_size,
+            self.ctx.mask_token_id,
+            special,
+            cfg.mlm_probability,
+            shard=shard,
+        )
+        masked_features, masked_regions = mask_regions(features, region_mask, cfg.object_mask_probability, shard)
 
         qa_answers = None
         if self.qa_enabled(batch, step):
@@ -277,7 +299,7 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
                     f"qa_targets has {scores.shape[1]} answers but model.num_qa_labels={cfg.num_qa_labels}: "
                     "set model.num_qa_labels to at least the answer table's size"
                 )
-            qa_answers = sample_answers(scores, batch["qa_mask"].bool() & matched)
+            qa_answers = sample_answers(scores, batch["qa_mask"].bool() & matched, shard)
 
         def label(name: str) -> torch.Tensor | None:
             return batch.get(f"region_{name}")
@@ -304,6 +326,7 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
             attr_conf=label("attr_conf"),
             qa_answers=qa_answers,
             token_type_ids=token_type_ids,
+            shard=shard,
         )
 
     def qa_enabled(self, batch: Batch, step: int) -> bool:
@@ -313,7 +336,9 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
         )
 
     def losses_from(self, inputs: PretrainInputs) -> dict[str, torch.Tensor]:
-        """Every objective from one forward pass over the corrupted batch (deterministic given ``inputs``)."""
+        """Every objective from one forward pass over the corrupted batch (deterministic given ``inputs``). Losses
+        counted per token, region or answer are means over the global batch (``BatchShard.mean``)."""
+        shard = inputs.shard or BatchShard(inputs.input_ids.shape[0])
         streams = self._forward(
             inputs.input_ids,
             inputs.attention_mask,
@@ -322,36 +347,36 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
             inputs.region_mask,
             inputs.token_type_ids,
         )
-        losses = {"mlm": self._mlm_loss(streams.language, inputs.mlm_labels)}
-        losses.update(self._object_losses(streams.vision, inputs))
+        # the sums below are empty where nothing is masked or answerable here: zeros that keep every head in the graph
+        chosen = inputs.mlm_labels != -100
+        mlm = F.cross_entropy(self.mlm_head(streams.language[chosen]), inputs.mlm_labels[chosen], reduction="sum")
+        losses = {"mlm": shard.mean(mlm, chosen.sum())}
+        losses.update(self._object_losses(streams.vision, inputs, shard))
         losses["matched"] = F.cross_entropy(self.match_head(streams.pooled), inputs.matched)
         if inputs.qa_answers is not None:
             answerable = inputs.qa_answers >= 0
-            if answerable.any():
-                logits = self.qa_head(streams.pooled[answerable])
-                losses["qa"] = F.cross_entropy(logits, inputs.qa_answers[answerable])
-            else:  # no matched question in this batch: a zero that keeps the head in the graph
-                losses["qa"] = self.qa_head(streams.pooled[:0]).sum()
+            logits = self.qa_head(streams.pooled[answerable])
+            qa = F.cross_entropy(logits, inputs.qa_answers[answerable], reduction="sum")
+            losses["qa"] = shard.mean(qa, answerable.sum())
         return losses
 
-    def _mlm_loss(self, language: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        chosen = labels != -100
-        if not chosen.any():  # nothing masked (tiny texts): a zero that keeps the graph
-            return self.mlm_head(language[:0, 0]).sum()
-        return F.cross_entropy(self.mlm_head(language[chosen]), labels[chosen])
-
-    def _object_losses(self, vision: torch.Tensor, inputs: PretrainInputs) -> dict[str, torch.Tensor]:
+    def _object_losses(
+        self, vision: torch.Tensor, inputs: PretrainInputs, shard: BatchShard
+    ) -> dict[str, torch.Tensor]:
         """Masked-object losses; each a (confidence-weighted) mean over the real regions × the normaliser."""
         cfg, head = self.cfg, self.object_head
         real, masked = inputs.region_mask, inputs.masked_regions
-        scale = cfg.visual_loss_normalizer / real.sum().clamp(min=1)
         labelled = real if cfg.label_all_regions else masked
         hidden = head.transform(vision[labelled])  # (N, H)
         masked_among = masked[labelled]  # which of those rows are masked regions
         regression = F.smooth_l1_loss(
             head.feat(hidden[masked_among]), inputs.target_features[masked].to(hidden.dtype), reduction="none"
         )
-        losses = {"obj_feat": regression.mean(dim=-1).sum() * scale}
+
+        def scaled_mean(total: torch.Tensor) -> torch.Tensor:
+            return shard.mean(total, real.sum()) * cfg.visual_loss_normalizer
+
+        losses = {"obj_feat": scaled_mean(regression.mean(dim=-1).sum())}
         for name, ids, conf, decoder in (
             ("obj_label", inputs.object_ids, inputs.object_conf, head.obj),
             ("obj_attr", inputs.attr_ids, inputs.attr_conf, head.attr),
@@ -361,7 +386,7 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
             targets = ids[labelled]
             weights = (targets >= 0).float() if conf is None else conf[labelled].float()
             ce = F.cross_entropy(decoder(hidden), targets, ignore_index=-1, reduction="none")
-            losses[name] = (ce * weights).sum() * scale
+            losses[name] = scaled_mean((ce * weights).sum())
         return losses
 
     # ----- reference weights ------------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ Choices the abstract leaves open, and ours (a config field wherever it is a choi
   set, and we use those. ITC on the unimodal [CLS] states (projections to ``embed_dim``, learnable temperature clamped
   as in ALBEF), the global batch's negatives, no momentum encoder or queue (the abstract mentions none). ITM on the
   pooled output: per image a hard negative text, per text a hard negative image, ∝ softmax(ITC similarity). MLM: BERT
-  masking (15 %, 80/10/10), predicted from the cross-modal text stream.
+  masking (15 %, 80/10/10), predicted from the cross-modal text stream. Several processes (torchrun DDP): ITC's
+  negatives, the MLM masks and MLM's mean over masked tokens are the global batch's; ITM negatives are drawn within
+  each process's batch (as the ALBEF reference does).
 - Native heads (the abstract describes none): VQA/GQA an MLP over the pooled output; NLVR2 the same over both pairs'
   pooled outputs concatenated (``PooledMLPHead``); retrieval and pre-training the model's own objectives (ITC ranking,
   ITM re-ranking).
@@ -348,7 +350,8 @@ class UNIMO3(PooledNativeHeads, VisionLanguageModel):
         text_levels = self.text_levels(input_ids, attention_mask)
         image_feat, text_feat = self.image_feature(image_levels), self.text_feature(text_levels)
         image_ids = batch.get("image_ids")
-        loss_itc = in_batch_contrastive_loss(image_feat, text_feat, self.temp, image_ids)
+        shard = self.batch_shard(input_ids.shape[0])
+        loss_itc = in_batch_contrastive_loss(image_feat, text_feat, self.temp, image_ids, shard)
 
         with torch.no_grad():
             sim_i2t = image_feat @ text_feat.t() / self.temp  # this process's pairs: the negatives are drawn here
@@ -362,11 +365,17 @@ class UNIMO3(PooledNativeHeads, VisionLanguageModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_levels: torch.Tensor
     ) -> torch.Tensor:
         special = [self.ctx.pad_token_id, self.ctx.cls_token_id, self.ctx.sep_token_id]
+        shard = self.batch_shard(input_ids.shape[0])
         masked_ids, labels = mask_tokens(
-            input_ids, attention_mask, self.ctx.vocab_size, self.ctx.mask_token_id, special, self.cfg.mlm_probability
+            input_ids,
+            attention_mask,
+            self.ctx.vocab_size,
+            self.ctx.mask_token_id,
+            special,
+            self.cfg.mlm_probability,
+            shard=shard,
         )
-        chosen = labels != -100
-        if not chosen.any():  # nothing masked (tiny texts): a zero that keeps the head in the graph
-            return self.mlm_head(image_levels.new_zeros(0, self.mlm_head.dense.in_features)).sum()
+        chosen = labels != -100  # none here: an empty sum, a zero that keeps the head in the graph
         fused = self.fuse(self.text_levels(masked_ids, attention_mask), attention_mask, image_levels)
-        return F.cross_entropy(self.mlm_head(fused.text[chosen]), labels[chosen])
+        mlm = F.cross_entropy(self.mlm_head(fused.text[chosen]), labels[chosen], reduction="sum")
+        return shard.mean(mlm, chosen.sum())  # over the global batch's masked tokens

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from vlbench.data.files import read_json, require_keys
+from vlbench.data.files import format_template, read_json, require_fields
 from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch
 from vlbench.registry import TASKS
@@ -45,8 +45,10 @@ def read_gqa_split(root: Path, subtype: str, image_template: str) -> GQASplit:
         raise VlbenchError(f"{path}: expected a JSON object keyed by question id (official GQA format)")
     ids, paths, checked = [], [], {}
     for qid, q in doc.items():
-        require_keys(q, ("imageId", "question", "answer"), path, f"question {qid}")
-        image_path = root / image_template.format(subtype=subtype, image_id=q["imageId"])
+        require_fields(q, {"imageId": str, "question": str, "answer": str}, path, f"question {qid}")
+        image_path = root / format_template(
+            image_template, path, f"question {qid}", subtype=subtype, image_id=q["imageId"]
+        )
         if q["imageId"] not in checked:
             checked[q["imageId"]] = image_path.is_file()
         if not checked[q["imageId"]]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from vlbench.data.files import read_jsonl
+from vlbench.data.files import format_template, read_jsonl, require_fields
 from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch, JointEncoding, TwoImageHead
 from vlbench.models.layers import MLPClassifier
@@ -46,6 +46,7 @@ def read_nlvr2_split(root: Path, subtype: str, image_template: str) -> list[NLVR
     path = root / f"{subtype}.json"
     examples = []
     for number, record in enumerate(read_jsonl(path, ("identifier", "sentence", "label")), start=1):
+        require_fields(record, {"identifier": str, "sentence": str}, path, f"record {number}")
         label = str(record["label"]).lower()
         if label not in ("true", "false"):
             raise VlbenchError(f"{path}: record {number} ({record['identifier']}) has label {record['label']!r}, "
@@ -53,9 +54,8 @@ def read_nlvr2_split(root: Path, subtype: str, image_template: str) -> list[NLVR
         pair = pair_identifier(record["identifier"])
         refs = []
         for index in (0, 1):
-            image_path = root / image_template.format(
-                subtype=subtype, identifier=pair, index=index, directory=record.get("directory", "")
-            )
+            fields = {"subtype": subtype, "identifier": pair, "index": index, "directory": record.get("directory", "")}
+            image_path = root / format_template(image_template, path, f"record {number}", **fields)
             if not image_path.is_file():
                 raise VlbenchError(f"{path}: record {number} ({record['identifier']}) needs image {image_path}, "
                                    "which does not exist")  # fmt: skip

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlbench.data.files import read_json, require_keys
+from vlbench.data.files import format_template, read_json, require_fields
 from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch, ModelObjectives, VisionLanguageModel
 from vlbench.models.layers import MLPClassifier
@@ -52,15 +52,14 @@ def read_karpathy_split(root: Path, splits: list[str], image_template: str) -> l
         raise VlbenchError(f"{path}: expected a JSON object with a list under 'images' (Karpathy format)")
     images = []
     for i, record in enumerate(doc["images"]):
-        require_keys(record, ("filename", "split", "sentences"), path, f"image #{i}")
+        require_fields(record, {"filename": str, "split": str, "sentences": list}, path, f"image #{i}")
         if record["split"] not in splits:
             continue
-        image_path = root / image_template.format(
-            filepath=record.get("filepath", ""), filename=record["filename"], subtype=record["split"]
-        )
+        fields = {"filepath": record.get("filepath", ""), "filename": record["filename"], "subtype": record["split"]}
+        image_path = root / format_template(image_template, path, f"image #{i}", **fields)
         if not image_path.is_file():
             raise VlbenchError(f"{path}: image #{i} ({record['filename']}) needs {image_path}, which does not exist")
-        captions = [s["raw"] for s in record["sentences"] if isinstance(s, dict) and "raw" in s]
+        captions = [s["raw"] for s in record["sentences"] if isinstance(s, dict) and isinstance(s.get("raw"), str)]
         if not captions:
             raise VlbenchError(f"{path}: image #{i} ({record['filename']}) has no sentences with 'raw' text")
         image_id = str(record.get("cocoid", record.get("imgid", record["filename"])))

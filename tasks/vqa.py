@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from vlbench.data.files import read_json, require_keys
+from vlbench.data.files import format_template, read_json, require_fields
 from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch, GenerativeAnswerHead
 from vlbench.registry import TASKS
@@ -40,6 +40,18 @@ class VQAExample:
     multiple_choice_answer: str | None = None
 
 
+# The official files' fields this reader uses, with their JSON types (ids are numbers in VQA v2; text ids also work
+# with an image template that takes them, e.g. ``{image_id}``).
+QUESTION_FIELDS = {"question_id": (int, str), "image_id": (int, str), "question": str}
+ANNOTATION_FIELDS = {
+    "question_id": (int, str),
+    "answers": list,
+    "multiple_choice_answer": str,
+    "question_type": str,
+    "answer_type": str,
+}
+
+
 def _records(doc: object, key: str, path: Path) -> list:
     if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
         raise VlbenchError(f"{path}: expected a JSON object with a list under {key!r} (official VQA v2 format)")
@@ -58,22 +70,20 @@ def read_vqa_split(root: Path, subtype: str, image_template: str) -> tuple[list[
     annotated = a_path.exists()
     if annotated:
         for i, ann in enumerate(_records(read_json(a_path), "annotations", a_path)):
-            require_keys(
-                ann,
-                ("question_id", "answers", "multiple_choice_answer", "question_type", "answer_type"),
-                a_path,
-                f"annotation #{i}",
-            )
-            if not isinstance(ann["answers"], list) or not all(
+            require_fields(ann, ANNOTATION_FIELDS, a_path, f"annotation #{i}")
+            if not ann["answers"] or not all(
                 isinstance(a, dict) and isinstance(a.get("answer"), str) for a in ann["answers"]
             ):
-                raise VlbenchError(f"{a_path}: annotation #{i} 'answers' must be a list of {{'answer': str, ...}}")
+                raise VlbenchError(
+                    f"{a_path}: annotation #{i} 'answers' must be a non-empty list of {{'answer': str, ...}}"
+                )
             annotations[ann["question_id"]] = ann
     examples = []
     image_exists: dict[int, bool] = {}
     for i, q in enumerate(questions):
-        require_keys(q, ("question_id", "image_id", "question"), q_path, f"question #{i}")
-        image_path = root / image_template.format(subtype=subtype, image_id=q["image_id"])
+        require_fields(q, QUESTION_FIELDS, q_path, f"question #{i}")
+        what = f"question {q['question_id']}"
+        image_path = root / format_template(image_template, q_path, what, subtype=subtype, image_id=q["image_id"])
         if q["image_id"] not in image_exists:
             image_exists[q["image_id"]] = image_path.is_file()
         if not image_exists[q["image_id"]]:
@@ -96,6 +106,8 @@ def read_vqa_split(root: Path, subtype: str, image_template: str) -> tuple[list[
                 multiple_choice_answer=ann["multiple_choice_answer"] if ann else None,
             )
         )
+    if not examples:
+        raise VlbenchError(f"{q_path}: no questions (an empty split)")
     return examples, annotated
 
 
@@ -143,8 +155,6 @@ class VQATask(Task):
                     f"data.datasets.{self.data_format}.splits: no split named {split!r} (have {list(files.splits)})"
                 )
             examples, annotated = read_vqa_split(self.data_root, files.splits[split], files.image_template)
-            if not examples:
-                raise VlbenchError(f"{self.data_root}: split {split!r} has no questions")
             if self.data_cfg.limit_examples > 0:
                 examples = examples[: self.data_cfg.limit_examples]
             self._splits[split] = (examples, annotated)

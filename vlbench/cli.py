@@ -1,9 +1,17 @@
-"""`vlbench`: the Hydra app. `vlbench model=albef task=vqa`, `vlbench -m model=albef,textonly seed=0,1,2`."""
+"""`vlbench`: the Hydra app. `vlbench model=albef task=vqa`, `vlbench -m model=albef,textonly seed=0,1,2`.
+
+Data-parallel: `torchrun --nproc_per_node=N -m vlbench.cli model=albef …` (one run over N processes; see
+``vlbench/distributed.py``). Exit status: 0 finished (or stopped at ``trainer.stop_at_step``), 2 a VlbenchError (bad
+input or configuration, one line on stderr), 75 stopped by SIGTERM/SIGUSR1/SIGUSR2 with a resumable checkpoint
+(``runner.PREEMPTED_EXIT_STATUS``: run the same command with ``resume=<run dir>`` or ``resume=auto``).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -17,21 +25,32 @@ from vlbench.schema import register_schemas
 log = logging.getLogger("vlbench")
 
 
+START_TIME_ENV = "VLBENCH_START_TIME"  # rank 0's start time, shared by every process of a torchrun job
+
+
 def _run_dir(resume: str | None, run_id: str | None, parent: str, default_name: str) -> str:
-    """hydra.run.dir: the run being resumed, else <results_dir>/<model>/<task>/<run_id or scale-seed-time>."""
-    if resume:
+    """hydra.run.dir: the run being resumed, else <results_dir>/<model>/<task>/<run_id or scale-seed-time>
+    (``resume=auto`` continues that same directory when it has a checkpoint)."""
+    if resume and resume != "auto":
         return str(resume)
     return f"{parent}/{run_id or default_name}"
 
 
+def _start_time(pattern: str) -> str:
+    """Hydra's ``now``, but every process of a torchrun job reads rank 0's clock: one run directory for all."""
+    return time.strftime(pattern, time.localtime(float(os.environ.get(START_TIME_ENV, time.time()))))
+
+
 OmegaConf.register_new_resolver("vlbench_run_dir", _run_dir, replace=True)
+OmegaConf.register_new_resolver("vlbench_now", _start_time, use_cache=True, replace=True)
 register_schemas()
 
 
 @hydra.main(config_path="pkg://vlbench.conf", config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> float | None:
+    from vlbench.distributed import init_from_env
     from vlbench.results import RunRecord
-    from vlbench.runner import format_summary, run
+    from vlbench.runner import PREEMPTED_EXIT_STATUS, format_summary, run
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -39,7 +58,8 @@ def app(cfg: DictConfig) -> float | None:
         result = run(cfg, run_dir)
     except Exception as e:
         record = RunRecord(run_dir)
-        if not record.result_path.exists():  # "already finished" must not mark a finished run as failed
+        # "already finished" must not mark a finished run as failed; under torchrun rank 0 alone writes
+        if not record.result_path.exists() and init_from_env().is_main:
             record.write_failure(cfg, e)
         if hydra_cfg.mode == RunMode.MULTIRUN:  # Hydra runs the other jobs, then reports the failures
             log.error("job %s failed: %s", hydra_cfg.job.num, e)
@@ -48,6 +68,8 @@ def app(cfg: DictConfig) -> float | None:
             raise
         print(f"vlbench: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if result.get("preempted") and hydra_cfg.mode == RunMode.RUN:
+        sys.exit(PREEMPTED_EXIT_STATUS)
     if "metrics" not in result:
         return None
     print(format_summary(result))
@@ -58,7 +80,20 @@ def app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    app()
+    from vlbench.distributed import init_from_env
+
+    processes = init_from_env()  # under torchrun: join the process group before Hydra names the run directory
+    if processes.distributed:
+        os.environ[START_TIME_ENV] = repr(processes.broadcast(time.time()))
+        if not processes.is_main:  # rank 0 alone writes the run directory (Hydra's own files included)
+            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    try:
+        app()
+    finally:
+        if processes.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

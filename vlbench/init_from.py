@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from vlbench.errors import VlbenchError
 from vlbench.results import config_differences
+from vlbench.safe_load import read_safetensors
 
 MODEL_PREFIX = "model."  # TaskModel's model sub-module
 HEAD_PREFIX = "head."  # TaskModel's task head
@@ -88,17 +87,16 @@ def _model_config_hint(source: InitSource, model_cfg: DictConfig) -> str:
     saved = OmegaConf.load(source.run_dir / "config.yaml")
     ours = OmegaConf.to_container(model_cfg, resolve=True)
     theirs = OmegaConf.to_container(saved.get("model", {}), resolve=True)
+    if theirs.get("name") != ours.get("name"):  # another family: every field differs, the family says it all
+        return f" (the source run is model={theirs.get('name')}, this run model={ours.get('name')})"
     diffs = config_differences(theirs, ours, "model.")
     return f" (model config differs from the source run: {'; '.join(diffs)})" if diffs else ""
 
 
 def _read(source: InitSource) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, read once per source (the model and the head both take from them)."""
-    if source.tensors is None:
-        try:
-            source.tensors = load_file(source.weights)
-        except (SafetensorError, OSError) as e:
-            raise VlbenchError(f"init_from={source.weights}: not a readable safetensors checkpoint ({e})") from e
+    if source.tensors is None:  # safetensors only: a checkpoint named here is data, never a pickle that runs code
+        source.tensors = read_safetensors(source.weights, f"init_from={source.weights}")
     return source.tensors
 
 

@@ -60,6 +60,25 @@ class WandbLogger(JsonlLogger):
         self.run.finish()
 
 
+def drop_entries_after(path: Path, step: int) -> None:
+    """Keep only the entries of steps up to ``step`` (a resumed run logs the steps after its checkpoint again)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:  # a line cut short by a killed process
+            return False
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+
+
 def build_logger(logger_cfg: DictConfig, run_dir: Path, cfg: DictConfig) -> NullLogger:
     path = run_dir / "metrics.jsonl"
     if logger_cfg.name == "none":

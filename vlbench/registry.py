@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from vlbench.errors import VlbenchError
+
 T = TypeVar("T", bound=Callable)
 
 
@@ -23,8 +25,11 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
+        """The builder registered as ``name``; an unknown name (e.g. ``model.name=foo``) is a user error, one line."""
         if name not in self._builders:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._builders))}")
+            raise VlbenchError(
+                f"{self.kind}.name={name!r}: no such {self.kind}; registered: {', '.join(sorted(self._builders))}"
+            )
         return self._builders[name]
 
     def names(self) -> list[str]:

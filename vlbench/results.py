@@ -16,8 +16,12 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
+
+from vlbench.errors import VlbenchError
+from vlbench.safe_load import load_safetensors_into, read_safetensors_metadata, read_torch_file
 
 # Keys that do not change what a run computes (where it is written, how it is shown, when it stops to resume).
 NON_SEMANTIC_KEYS = (
@@ -28,8 +32,12 @@ NON_SEMANTIC_KEYS = (
     "reuse_root",
     "trainer.progress",
     "trainer.stop_at_step",
+    "trainer.max_bad_steps",
     "logger",
 )
+
+# What resume reads from a checkpoint's trainer state (``init_from`` is optional: runs from scratch have none).
+TRAINER_STATE_KEYS = ("step", "best_value", "best_step", "rng", "optimizer", "scheduler")
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -167,7 +175,12 @@ class RunRecord:
 
     def saved_config(self) -> DictConfig | None:
         path = self.dir / "config.yaml"
-        return OmegaConf.load(path) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return OmegaConf.load(path)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise VlbenchError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.dir / "manifest.json", manifest)
@@ -201,8 +214,78 @@ class RunRecord:
         return (self.checkpoints / f"{name}.safetensors").exists()
 
     def load_weights(self, name: str, model: torch.nn.Module) -> None:
-        missing, unexpected = load_model(model, self.checkpoints / f"{name}.safetensors", strict=True)
-        assert not missing and not unexpected
+        """Strictly: a truncated file or another model's checkpoint fails in one line naming the file."""
+        path = self.checkpoints / f"{name}.safetensors"
+        load_safetensors_into(model, path, str(path))
 
     def load_trainer_state(self, name: str) -> dict:
-        return torch.load(self.checkpoints / f"{name}.state.pt", weights_only=True)
+        """Read as data only (``weights_only=True``): a state file swapped for a pickle with code is refused."""
+        path = self.checkpoints / f"{name}.state.pt"
+        if not path.is_file():
+            raise VlbenchError(f"{path}: no trainer state beside {name}.safetensors (a copy without it?)")
+        state = read_torch_file(path, str(path))
+        missing = [k for k in TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise VlbenchError(f"{path}: not a vlbench trainer state (lacks {', '.join(missing)})")
+        return state
+
+    def save_resumable_checkpoint(self, name: str, model: torch.nn.Module, trainer_state: dict) -> None:
+        """Weights and trainer state written in full to temporary files, then swapped in: the current pair is renamed
+        ``<name>-previous.*`` first, then the new pair takes its names. Two renames are not one atomic step, so a
+        process killed in between (SIGKILL, a node failure) can leave the pair split across these names; every file
+        carries its step (the weights in their metadata) and ``recover_resumable_checkpoint`` puts back the newest
+        whole pair."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        (weights, state), (tmp_weights, tmp_state), (old_weights, old_state) = self._resumable_names(name)
+        try:
+            save_model(model, str(tmp_weights), metadata={"step": str(trainer_state["step"])})
+            torch.save(trainer_state, tmp_state)
+            for current, previous in ((weights, old_weights), (state, old_state)):
+                if current.exists():
+                    os.replace(current, previous)
+            os.replace(tmp_state, state)
+            os.replace(tmp_weights, weights)
+        finally:
+            for tmp in (tmp_weights, tmp_state):
+                tmp.unlink(missing_ok=True)
+
+    def _resumable_names(self, name: str) -> list[tuple[Path, Path]]:
+        """(weights, state) paths: the checkpoint itself, the new pair being written, the pair it replaces."""
+        weights, state = self.checkpoints / f"{name}.safetensors", self.checkpoints / f"{name}.state.pt"
+        return [
+            (weights, state),
+            (weights.with_name(f".{weights.name}.tmp"), state.with_name(f".{state.name}.tmp")),
+            (self.checkpoints / f"{name}-previous.safetensors", self.checkpoints / f"{name}-previous.state.pt"),
+        ]
+
+    def recover_resumable_checkpoint(self, name: str) -> None:
+        """After a kill during ``save_resumable_checkpoint``: make ``<name>.*`` the newest pair of weights and trainer
+        state of one step found among the checkpoint's, the new pair's and the previous pair's files (cut files are
+        skipped). Nothing to do when ``<name>.*`` is already such a pair."""
+        names = self._resumable_names(name)
+        weights_steps, state_steps = {}, {}
+        for weights, state in names:
+            try:
+                if weights.exists():
+                    step = read_safetensors_metadata(weights, str(weights)).get("step")
+                    if step is not None:
+                        weights_steps[weights] = int(step)
+                if state.exists():
+                    state_steps[state] = int(read_torch_file(state, str(state))["step"])
+            except (VlbenchError, KeyError, TypeError, ValueError):  # a file cut mid-write: not a candidate
+                continue
+        pairs = [(step, w, s) for w, step in weights_steps.items() for s, other in state_steps.items() if other == step]
+        if not pairs:
+            return
+        target_weights, target_state = names[0]
+        step, weights, state = max(pairs, key=lambda p: (p[0], (p[1], p[2]) == (target_weights, target_state)))
+        if (weights, state) == (target_weights, target_state):
+            return
+        os.replace(weights, target_weights)
+        os.replace(state, target_state)
+
+    def checkpoint_step(self, name: str) -> int | None:
+        """The step a resumable checkpoint's weights were saved at (None for weights saved without one)."""
+        path = self.checkpoints / f"{name}.safetensors"
+        step = read_safetensors_metadata(path, str(path)).get("step")  # a cut file fails here, in one line
+        return int(step) if step is not None else None

@@ -3,13 +3,28 @@
 Read top to bottom: set-up (seed, data, task, model, head, optimizer), optional resume, the step loop (evaluation
 every ``trainer.eval_every`` steps, best checkpoint by the task's main metric), then the final evaluation of the
 chosen checkpoint on the test split, the predictions in the task's official format, and result.json written last.
+
+Under ``torchrun --nproc_per_node=N`` (``vlbench/distributed.py``) every process runs this loop on its 1/N of each
+global batch (``trainer.batch_size`` is the global batch) with DistributedDataParallel; evaluation runs on rank 0
+alone over the whole split (every example counted once; the other processes wait), and only rank 0 writes the run
+directory. Each step's random draws are functions of (seed, step) — per-example draws the same on every process,
+the rest (dropout) per process — so exact resume needs no saved RNG and N processes draw what one process draws.
+
+Guards: a step whose loss or gradient norm is not finite makes no update (the step, its data and the lr schedule
+still advance; counted in result.json as ``skipped_steps``); ``trainer.max_bad_steps`` such steps in a row stop the
+run with an error, the last checkpoint being the last good one. SIGTERM, SIGUSR1 or SIGUSR2 finish the current step,
+write the ``last`` checkpoint and return ``preempted``; the CLI then exits with ``PREEMPTED_EXIT_STATUS`` and the
+same command with ``resume=<run dir>`` (or ``resume=auto``) continues exactly.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,9 +38,10 @@ from tqdm.auto import tqdm
 
 from vlbench.data.sources import resolve_data_root
 from vlbench.data.text import load_tokenizer
+from vlbench.distributed import init_from_env, unused_parameters
 from vlbench.errors import VlbenchError
 from vlbench.init_from import describe_report, load_init_weights, load_matching_head, resolve_init_source
-from vlbench.loggers import build_logger
+from vlbench.loggers import NullLogger, build_logger, drop_entries_after
 from vlbench.models.base import ModelContext, VisionLanguageModel
 from vlbench.registry import MODELS, TASKS
 from vlbench.results import (
@@ -43,6 +59,11 @@ from vlbench.results import (
 )
 from vlbench.reuse import find_same_run, resolve_init_from
 from vlbench.tasks.base import EvalContext, EvalResult, Task, dataset_files, to_device
+
+# EX_TEMPFAIL (sysexits.h): the run stopped on a signal after writing a resumable checkpoint; run it again with resume=
+PREEMPTED_EXIT_STATUS = 75
+# SIGUSR2 is submitit's (hydra/launcher=slurm): its own handler, which requeues the job, runs after the checkpoint
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
 class TaskModel(nn.Module):
@@ -65,17 +86,43 @@ class TaskModel(nn.Module):
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A fresh permutation per epoch from (seed, epoch), starting at any position: exact data order on resume."""
+    """A fresh permutation per epoch from (seed, epoch), starting at any position: exact data order on resume.
 
-    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0):
+    With ``world_size`` processes, each global batch of ``batch_size`` consecutive indices is split into contiguous
+    parts, rank r taking the r-th: the processes together see exactly the global batches of one process (an
+    incomplete last global batch is dropped, as one process's loader drops it)."""
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        epoch: int = 0,
+        start: int = 0,
+        batch_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.size, self.seed, self.epoch, self.start = size, seed, epoch, start
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator)[self.start :].tolist())
+        order = torch.randperm(self.size, generator=generator)[self.start :]
+        if self.world_size > 1:
+            whole = len(order) // self.batch_size * self.batch_size
+            order = order[:whole].view(-1, self.world_size, self.batch_size // self.world_size)[:, self.rank]
+        return iter(order.flatten().tolist())
 
     def __len__(self) -> int:
-        return self.size - self.start
+        if self.world_size == 1:
+            return self.size - self.start
+        return (self.size - self.start) // self.batch_size * (self.batch_size // self.world_size)
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A seed for one step's draws: stream 0 is shared by every process (per-example draws of the global batch),
+    stream 1 + rank is one process's own (dropout)."""
+    return int(np.random.SeedSequence([seed % 2**63, step, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def seed_everything(seed: int) -> None:
@@ -107,12 +154,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """trainer.device; a CUDA device is this process's GPU (cuda:LOCAL_RANK under torchrun)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise VlbenchError("trainer.device=cuda: no CUDA device is available (use trainer.device=auto or cpu)")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        if local_rank >= torch.cuda.device_count():
+            raise VlbenchError(f"trainer.device={name}: process LOCAL_RANK={local_rank} has no GPU of its own")
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -182,20 +235,65 @@ def predict_split(net: TaskModel, task: Task, split: str, ctx: EvalContext) -> l
 
 
 def count_flops_per_sample(net: TaskModel, batch: dict[str, torch.Tensor]) -> int | None:
-    """Forward FLOPs per sample, counted by ``torch.utils.flop_counter`` on one small batch (matmul-type ops)."""
+    """Forward FLOPs per sample, counted by ``torch.utils.flop_counter`` on one small batch (matmul-type ops); the
+    RNG is left as it was (pre-training's evaluation forward draws masks)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     small = {k: v[:2] for k, v in batch.items()}
     was_training = net.training
     net.eval()
+    devices = [batch["input_ids"].device] if batch["input_ids"].is_cuda else []
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
             net(small)
         return int(counter.get_total_flops() // small["input_ids"].shape[0])
     except Exception:  # counting is informative only; never fail a run for it
         return None
     finally:
         net.train(was_training)
+
+
+def gradient_norm(net: nn.Module, clip: float) -> float:
+    """The total gradient norm (the NaN guard reads it), clipping to ``clip`` when > 0."""
+    params = [p for p in net.parameters() if p.grad is not None]
+    if clip > 0:
+        return float(nn.utils.clip_grad_norm_(params, clip))
+    return float(nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+
+
+class PreemptionSignals:
+    """While training, SIGTERM / SIGUSR1 / SIGUSR2 only note the signal: the loop finishes its step, writes the
+    ``last`` checkpoint and stops. ``hand_on`` then runs the handler that was there before ours (submitit's, which
+    requeues the job), if any. Handlers can only be set from the main thread; elsewhere signals keep their effect."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> PreemptionSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in PREEMPTION_SIGNALS:
+                signum = getattr(signal, name, None)  # SIGUSR1/2 do not exist on Windows
+                if signum is not None:
+                    self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def _note(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():  # None: a handler not set from Python, not restorable
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a signal to another process"
+
+    def hand_on(self) -> None:
+        previous = self._previous.get(self.received)
+        if callable(previous):
+            previous(self.received, None)
 
 
 def format_summary(result: dict) -> str:
@@ -224,40 +322,57 @@ def format_summary(result: dict) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train and evaluate one configuration into ``run_dir``; returns the result record."""
+    """Train and evaluate one configuration into ``run_dir``; returns the result record (on rank 0; the other
+    processes of a torchrun job return a small dict and write nothing)."""
     import vlbench.models  # noqa: F401  (registers model families)
     import vlbench.tasks  # noqa: F401  (registers tasks)
 
     started = time.time()
     tcfg = cfg.trainer
+    procs = init_from_env()
+    main = procs.is_main
     record = RunRecord(run_dir)
     if record.result_path.exists() and not cfg.reuse_finished:
         raise VlbenchError(f"{record.result_path}: this run already finished; choose another run directory")
     if tcfg.test_checkpoint not in ("best", "last"):
         raise VlbenchError(f"trainer.test_checkpoint={tcfg.test_checkpoint!r}: expected best or last")
+    if tcfg.max_bad_steps < 1:
+        raise VlbenchError(f"trainer.max_bad_steps={tcfg.max_bad_steps}: expected at least 1")
+    local_batch_size = procs.local_batch_size(tcfg.batch_size)
     resume_state = None
-    if cfg.resume:
+    if cfg.resume and procs.is_main:  # a kill between the renames of a checkpoint save: put the newest pair back
+        record.recover_resumable_checkpoint("last")
+    procs.barrier()
+    # resume=auto (requeued jobs): continue this run directory when it holds a checkpoint, else start it
+    if cfg.resume and (cfg.resume != "auto" or record.has_checkpoint("last")):
         saved = record.saved_config()
         if saved is None or not record.has_checkpoint("last"):
             raise VlbenchError(f"resume={cfg.resume}: no config.yaml and checkpoints/last.* there to resume from")
         resume_state = record.load_trainer_state("last")
+        weights_step = record.checkpoint_step("last")
+        if weights_step is not None and weights_step != resume_state["step"]:
+            raise VlbenchError(
+                f"resume={cfg.resume}: checkpoints/last.safetensors is of step {weights_step} but last.state.pt of "
+                f"step {resume_state['step']} (killed between the two renames): cannot continue exactly"
+            )
 
     seed_everything(cfg.seed)
-    device = pick_device(tcfg.device)
+    device = pick_device(tcfg.device, procs.local_rank)
     model_cls = MODELS.get(cfg.model.name)
     task_cls = TASKS.get(cfg.task.name)
-    dataset_files(cfg.data, task_cls.data_format)  # the data config must provide this task's format: fail now
-    data_root = resolve_data_root(cfg.data, task_cls.data_format)
-    tokenizer = load_tokenizer(cfg.data.tokenizer, data_root)
-    task: Task = task_cls(cfg.task, cfg.data, data_root, tokenizer, model_cls.visual_input)
-    task.configure_for_model(model_cls)
-    if model_cls.visual_input == "regions" and task.visual is not None:
-        expected = OmegaConf.select(cfg, "model.visual_feature_dim", default=None)
-        task.visual.require_feature_dim(expected, "model.visual_feature_dim")
-    train_set = task.dataset("train")
-    eval_split, test_split = tcfg.eval_split, tcfg.test_split
-    task.dataset(eval_split)
-    task.dataset(test_split)  # read every split before training: bad input fails now, not after an hour
+    with procs.main_first():  # rank 0 may write shared files (the synthetic world, region features) that others read
+        dataset_files(cfg.data, task_cls.data_format)  # the data config must provide this task's format: fail now
+        data_root = resolve_data_root(cfg.data, task_cls.data_format)
+        tokenizer = load_tokenizer(cfg.data.tokenizer, data_root)
+        task: Task = task_cls(cfg.task, cfg.data, data_root, tokenizer, model_cls.visual_input)
+        task.configure_for_model(model_cls)
+        if model_cls.visual_input == "regions" and task.visual is not None:
+            expected = OmegaConf.select(cfg, "model.visual_feature_dim", default=None)
+            task.visual.require_feature_dim(expected, "model.visual_feature_dim")
+        train_set = task.dataset("train")
+        eval_split, test_split = tcfg.eval_split, tcfg.test_split
+        task.dataset(eval_split)
+        task.dataset(test_split)  # read every split before training: bad input fails now, not after an hour
     micro_batches_per_epoch = len(train_set) // tcfg.batch_size
     if micro_batches_per_epoch == 0:
         raise VlbenchError(
@@ -270,9 +385,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.reuse_finished and resume_state is None:
         same = find_same_run(Path(cfg.reuse_root), cfg, also=record.dir)
         if same is not None:
-            tqdm.write(f"reuse_finished: {same} already ran this configuration; not running it again")
-            if same.resolve() != record.dir.resolve():
-                atomic_write_json(record.dir / "reused.json", {"run_dir": str(same)})
+            if main:
+                tqdm.write(f"reuse_finished: {same} already ran this configuration; not running it again")
+                if same.resolve() != record.dir.resolve():
+                    atomic_write_json(record.dir / "reused.json", {"run_dir": str(same)})
             return json.loads((same / "result.json").read_text(encoding="utf-8"))
         if record.result_path.exists():
             raise VlbenchError(f"{record.result_path}: a run with another config finished here; choose another dir")
@@ -280,8 +396,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         diffs = config_differences(semantic_config(record.saved_config()), semantic_config(cfg))
         if diffs:
             raise VlbenchError(f"resume={cfg.resume}: the config differs from the saved run: {'; '.join(diffs)}")
+    # again: preparing data may have drawn from the RNG (a first extraction of region features, on rank 0 only); the
+    # initial weights must not depend on it
+    seed_everything(cfg.seed)
+    # per-example randomness in training (masks, negatives): reseeded from (seed, step) each step, on every process
+    sample_generator = torch.Generator(device)
     ctx = ModelContext.for_tokenizer(
-        tokenizer, cfg.data.image_size, num_groups=task.num_groups, steps_per_epoch=steps_per_epoch
+        tokenizer,
+        cfg.data.image_size,
+        num_groups=task.num_groups,
+        steps_per_epoch=steps_per_epoch,
+        sample_generator=sample_generator,
     )
     model: VisionLanguageModel = model_cls(cfg.model, ctx)
     init_report, init_source = None, None
@@ -301,34 +426,45 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise VlbenchError(f"head={cfg.head!r}: expected shared or native")
     if init_source is not None:
         load_matching_head(head, init_source, init_report)
-        tqdm.write(describe_report(init_report))
+        if main:
+            tqdm.write(describe_report(init_report))
     net = TaskModel(model, head, task).to(device)
     ectx = eval_context(cfg, device)
 
-    record.save_config(cfg)
+    if main:
+        record.save_config(cfg)
 
     optimizer = build_optimizer(net, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, tcfg)) if optimizer else None
+    if procs.distributed and optimizer is None:  # e.g. majority: its counts would stay per process
+        raise VlbenchError(f"model={cfg.model.name} has nothing to train in parallel: run it without torchrun")
     params = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
 
     step, best_value, best_step = 0, -math.inf, None
+    skipped_steps, bad_in_a_row, validation_due = 0, 0, False
     if resume_state is not None:
         record.load_weights("last", net)
         if optimizer:
             optimizer.load_state_dict(resume_state["optimizer"])
             scheduler.load_state_dict(resume_state["scheduler"])
         step, best_value, best_step = resume_state["step"], resume_state["best_value"], resume_state["best_step"]
+        skipped_steps = resume_state.get("skipped_steps", 0)
+        bad_in_a_row = resume_state.get("bad_in_a_row", 0)
+        validation_due = resume_state.get("validation_due", False)  # stopped by a signal before evaluating
         init_report = resume_state.get("init_from")
         set_rng_state(resume_state["rng"])
+        if main:  # steps logged after the checkpoint will run again: the log keeps one entry per step
+            drop_entries_after(record.dir / "metrics.jsonl", step)
 
     data_files = sorted(p for p in data_root.glob("*.json") if p.is_file())
-    logger = build_logger(cfg.logger, record.dir, cfg)
+    logger = build_logger(cfg.logger, record.dir, cfg) if main else NullLogger()
     manifest = {
         "git_sha": git_sha(),
         "config_hash": config_hash(cfg),
         "versions": package_versions(),
         "device": device_description(device),
+        "num_devices": procs.world_size,
         "data_root": str(data_root),
         "data_fingerprint": file_fingerprint(data_files),
         "task": task.describe(),
@@ -338,7 +474,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "head": cfg.head,
         "image_size": cfg.data.image_size,
         "augmentation": cfg.data.augmentation,
-        "batch_size": tcfg.batch_size * tcfg.grad_accum_steps,
+        "batch_size": tcfg.batch_size * tcfg.grad_accum_steps,  # global: over processes and accumulated micro-batches
+        "per_device_batch_size": local_batch_size,
         "precision": tcfg.precision,
         "init_from": init_report,
     }
@@ -352,7 +489,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "rng": rng_state(),
             "optimizer": optimizer.state_dict() if optimizer else {},
             "scheduler": scheduler.state_dict() if scheduler else {},
+            "skipped_steps": skipped_steps,
+            "bad_in_a_row": bad_in_a_row,
+            "validation_due": validation_due,
         }
+
+    last_saved_step = step if resume_state is not None else None
+
+    def save_last() -> None:
+        """Called by every process: the replicas are checked equal, then rank 0 writes."""
+        nonlocal last_saved_step
+        procs.check_replicas_agree(net)
+        if main:
+            record.save_resumable_checkpoint("last", net, trainer_state())
+        last_saved_step = step
 
     def evaluate(split: str) -> tuple[list[dict], EvalResult | None]:
         predictions = predict_split(net, task, split, ectx)
@@ -370,17 +520,33 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             record.save_checkpoint("best", net)
         return predictions, result
 
+    def validate_while_training() -> None:
+        nonlocal validation_due
+        if main:  # the whole split on rank 0 (each example once); the others wait
+            validate()
+        procs.barrier()
+        validation_due = False
+
     # ----- training --------------------------------------------------------------------------------------------
     micro_index = step * tcfg.grad_accum_steps
     epoch, position = divmod(micro_index, micro_batches_per_epoch)
 
     def batches():
+        """This process's part of each global micro-batch, in the order of one process (EpochShuffleSampler)."""
         nonlocal epoch, position
         while True:
-            sampler = EpochShuffleSampler(len(train_set), cfg.seed, epoch, position * tcfg.batch_size)
+            sampler = EpochShuffleSampler(
+                len(train_set),
+                cfg.seed,
+                epoch,
+                position * tcfg.batch_size,
+                tcfg.batch_size,
+                procs.rank,
+                procs.world_size,
+            )
             loader = DataLoader(
                 train_set,
-                batch_size=tcfg.batch_size,
+                batch_size=local_batch_size,
                 sampler=sampler,
                 drop_last=True,
                 collate_fn=train_set.collate,
@@ -397,69 +563,126 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     net.train()
     stream = batches()
+    first = next(stream)
+    stream = itertools.chain([first], stream)
+    probe = to_device(first, device)
+    flops_per_sample = count_flops_per_sample(net, probe) or 0
+    train_net = net
+    if procs.distributed:  # DDP searches for unused parameters every step only when one step leaves some unused
+        sample_generator.manual_seed(step_seed(cfg.seed, step))
+        unused = unused_parameters(net, lambda: task.loss(net(probe), probe))
+        train_net = procs.wrap(net, device, find_unused_parameters=procs.any(bool(unused)))
+    if validation_due:
+        validate_while_training()
     stop_at = tcfg.stop_at_step if 0 < tcfg.stop_at_step < tcfg.max_steps else tcfg.max_steps
-    flops_per_sample = None
+    preempted = False
     train_started = time.time()
     start_step = step
-    progress = tqdm(total=tcfg.max_steps, initial=step, desc=f"{cfg.model.name}/{task.name}", disable=not tcfg.progress)
-    while step < stop_at:
-        loss_sum = 0.0
-        terms: dict[str, float] = {}
-        net.step = step
-        for _ in range(tcfg.grad_accum_steps):
-            batch = to_device(next(stream), device)
-            if flops_per_sample is None:
-                flops_per_sample = count_flops_per_sample(net, batch) or 0
-            with autocast_context(device, tcfg.precision):
-                outputs = net(batch)
-                loss = task.loss(outputs, batch) / tcfg.grad_accum_steps
-            for name, value in task.loss_terms(outputs).items():
-                terms[name] = terms.get(name, 0.0) + value / tcfg.grad_accum_steps
-            if not torch.isfinite(loss):
-                raise VlbenchError(f"step {step}: the training loss is {loss.item()} (not finite); lower trainer.lr")
-            if loss.requires_grad:
-                loss.backward()
-            loss_sum += loss.item()
-        grad_norm = None
-        if optimizer:
-            if tcfg.clip_grad_norm > 0:
-                grad_norm = float(nn.utils.clip_grad_norm_(net.parameters(), tcfg.clip_grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        step += 1
-        progress.update(1)
-        if step % tcfg.log_every == 0 or step == stop_at:
-            entry = {"train/loss": loss_sum, "train/epoch": epoch, **{f"train/{k}": v for k, v in terms.items()}}
+    progress = tqdm(
+        total=tcfg.max_steps,
+        initial=step,
+        desc=f"{cfg.model.name}/{task.name}",
+        disable=not (tcfg.progress and main),
+    )
+    with PreemptionSignals() as signals:
+        while step < stop_at:
+            net.step = step
+            sample_generator.manual_seed(step_seed(cfg.seed, step))  # the global batch's draws, alike everywhere
+            torch.manual_seed(step_seed(cfg.seed, step, 1 + procs.rank))  # this process's own (dropout)
+            loss_sum = 0.0
+            terms: dict[str, float] = {}
+            for micro in range(tcfg.grad_accum_steps):
+                batch = to_device(next(stream), device)
+                # DDP averages gradients over processes once per step, on the last micro-batch's backward
+                accumulate = procs.distributed and micro < tcfg.grad_accum_steps - 1
+                with train_net.no_sync() if accumulate else nullcontext():
+                    with autocast_context(device, tcfg.precision):
+                        outputs = train_net(batch)
+                        loss = task.loss(outputs, batch) / tcfg.grad_accum_steps
+                    if loss.requires_grad:
+                        loss.backward()
+                for name, value in task.loss_terms(outputs).items():
+                    terms[name] = terms.get(name, 0.0) + value / tcfg.grad_accum_steps
+                loss_sum += loss.item()
+            # each process's loss is its share: the mean over processes is the global batch's loss
+            loss_sum, *term_values = procs.mean([loss_sum, *terms.values()])
+            terms = dict(zip(terms, term_values, strict=True))
+            grad_norm = gradient_norm(net, tcfg.clip_grad_norm) if optimizer else None
+            finite = math.isfinite(loss_sum) and (grad_norm is None or math.isfinite(grad_norm))
+            if finite:
+                bad_in_a_row = 0
+                if optimizer:
+                    optimizer.step()
+            else:  # no update; the step, its data and the lr schedule move on
+                skipped_steps, bad_in_a_row = skipped_steps + 1, bad_in_a_row + 1
+                if main:
+                    tqdm.write(
+                        f"step {step + 1}: loss {loss_sum}, gradient norm {grad_norm}: not finite, update skipped "
+                        f"({bad_in_a_row} in a row, {skipped_steps} in all)"
+                    )
             if optimizer:
-                entry["train/lr"] = scheduler.get_last_lr()[0]
-            if grad_norm is not None:
-                entry["train/grad_norm"] = grad_norm
-            logger.log(entry, step)
-            progress.set_postfix(loss=f"{loss_sum:.3f}")
-        if tcfg.eval_every > 0 and step % tcfg.eval_every == 0 and step < tcfg.max_steps:
-            validate()
-        if (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0) or step == stop_at:
-            record.save_checkpoint("last", net, trainer_state())
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            step += 1
+            progress.update(1)
+            if bad_in_a_row >= tcfg.max_bad_steps:
+                logger.close()
+                kept = f"checkpoints/last.* (step {last_saved_step})" if last_saved_step is not None else "none"
+                raise VlbenchError(
+                    f"step {step}: {bad_in_a_row} steps in a row with a non-finite loss or gradient norm "
+                    f"(trainer.max_bad_steps={tcfg.max_bad_steps}); last good checkpoint: {kept}; lower trainer.lr "
+                    "or check the data"
+                )
+            if not finite:
+                logger.log({"train/skipped_steps": skipped_steps}, step)
+            elif step % tcfg.log_every == 0 or step == stop_at:
+                entry = {"train/loss": loss_sum, "train/epoch": epoch, **{f"train/{k}": v for k, v in terms.items()}}
+                if optimizer:
+                    entry["train/lr"] = scheduler.get_last_lr()[0]
+                    entry["train/grad_norm"] = grad_norm
+                logger.log(entry, step)
+                progress.set_postfix(loss=f"{loss_sum:.3f}")
+            validation_due = tcfg.eval_every > 0 and step % tcfg.eval_every == 0 and step < tcfg.max_steps
+            preempted = procs.any(signals.received is not None)
+            if preempted:  # checkpoint now, evaluate after resuming (validation_due is saved)
+                save_last()
+                if main:
+                    tqdm.write(
+                        f"{signals.name}: stopped after step {step}/{tcfg.max_steps} with a checkpoint; continue "
+                        f"with resume={record.dir}"
+                    )
+                break
+            if validation_due:
+                validate_while_training()
+            periodic = tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0 and bad_in_a_row == 0
+            if periodic or step == stop_at:
+                save_last()
     progress.close()
     train_seconds = time.time() - train_started
 
-    if step < tcfg.max_steps:  # stopped early on request: resumable, not finished
+    if preempted or step < tcfg.max_steps:  # stopped early on a signal or on request: resumable, not finished
         logger.close()
-        tqdm.write(f"stopped at step {step}/{tcfg.max_steps}; continue with resume={record.dir}")
+        procs.barrier()
+        if preempted:
+            signals.hand_on()
+            return {"stopped_at_step": step, "run_dir": str(record.dir), "preempted": signals.name}
+        if main:
+            tqdm.write(f"stopped at step {step}/{tcfg.max_steps}; continue with resume={record.dir}")
         return {"stopped_at_step": step, "run_dir": str(record.dir)}
+    if not main:  # rank 0 evaluates and writes the record alone
+        return {"rank": procs.rank, "run_dir": str(record.dir), "steps": step}
 
     # ----- final evaluation ---------------------------------------------------------------------------------------
     val_predictions, val_result = validate()
-    record.save_checkpoint("last", net, trainer_state())
+    record.save_resumable_checkpoint("last", net, trainer_state())
     checkpoint = "last"
     if tcfg.test_checkpoint == "best" and best_step is not None:
         checkpoint = f"best (step {best_step}, {eval_split} {task.cfg.main_metric} {best_value:.2f})"
         if best_step != step:  # otherwise the last weights are the best ones, already evaluated
             record.load_weights("best", net)
             val_predictions, val_result = evaluate(eval_split)
+    test_predictions, test_result = evaluate(test_split)  # before any prediction file: a failure leaves none
     task.write_predictions(val_predictions, record.dir / f"predictions_{eval_split}")
-    test_predictions, test_result = evaluate(test_split)
     predictions_path = task.write_predictions(test_predictions, record.dir / f"predictions_{test_split}")
     for split, split_result in ((eval_split, val_result), (test_split, test_result)):
         if split_result is not None and split_result.per_example:  # for the leaderboard's paired test
@@ -476,6 +699,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "train_s": round(train_seconds, 2),
             "train_samples_per_s": round(samples_per_second, 2),
             "flops_per_sample_forward": flops_per_sample,
+            "skipped_steps": skipped_steps,
         }
     )
     record.write_manifest(manifest)
@@ -498,13 +722,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "trainable_params": trainable,
         "train_samples": step * tcfg.batch_size * tcfg.grad_accum_steps,
         "steps": step,
+        "skipped_steps": skipped_steps,
         "wall_s": round(wall, 2),
         "config_hash": manifest["config_hash"],
         "setting_hash": setting_hash(cfg),
         "setting_overrides": setting_overrides(),
         "flops_per_sample_forward": flops_per_sample,
         "device": manifest["device"],
-        "num_devices": 1,
+        "num_devices": procs.world_size,
         "git_sha": manifest["git_sha"],
     }
     record.write_result(result)  # last: its presence means the run finished

@@ -28,7 +28,7 @@ class ScaleConfig:
 class TrainerConfig:
     max_steps: int = 1000
     epochs: float = 0.0  # > 0: train this many passes over the training split (sets max_steps; the papers' unit)
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch: under torchrun each of N processes loads batch_size / N
     eval_batch_size: int = 128
     grad_accum_steps: int = 1
     lr: float = 1e-4
@@ -40,6 +40,7 @@ class TrainerConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     min_lr_ratio: float = 0.1
     clip_grad_norm: float = 1.0
+    max_bad_steps: int = 5  # steps in a row with a non-finite loss or gradient norm (each skipped) before the run stops
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 0  # 0: at the end only
@@ -304,7 +305,7 @@ class Config:
     head: str = "shared"  # shared (controlled comparison) | native (the paper's own head)
     results_dir: str = "results/runs"
     run_id: str | None = None  # null: timestamp + short config hash
-    resume: str | None = None  # a run directory to continue
+    resume: str | None = None  # a run directory to continue; auto: this run's directory if it has a checkpoint
     init_from: str | None = None  # a finished run directory or .safetensors file: its model weights start this run
     reuse_finished: bool = False  # skip the run when one with the same config already finished under reuse_root
     reuse_root: str = "results"  # searched by reuse_finished and by init_from=pretrained

@@ -41,7 +41,7 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
 
 def test_queues_gather_all_ranks_and_agree(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     assert torch.equal(r0["image_queue"], r1["image_queue"]) and torch.equal(r0["id_queue"], r1["id_queue"])
     assert r0["ptr"].item() == 6  # 2 ranks × 3
     assert torch.allclose(r0["image_queue"][:, :3].t(), r0["feat_m"], atol=1e-6)  # rank 0's batch first

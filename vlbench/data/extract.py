@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from vlbench.data.regions import RegionStore, RegionStoreWriter, image_key, unlabelled
 from vlbench.errors import VlbenchError
+from vlbench.safe_load import read_checkpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -213,7 +214,10 @@ def build_backbone(cfg: ExtractionConfig) -> tuple[torch.nn.Module, int, int]:
     elif cfg.pretrained is not None:
         if not Path(cfg.pretrained).is_file():
             raise VlbenchError(f"--pretrained {cfg.pretrained}: checkpoint file not found")
-        # timm's own loader: it maps a full classifier checkpoint onto the features-only model.
+        if Path(cfg.pretrained).suffix != ".npz":  # (timm reads big_vision .npz itself, without pickles)
+            # read as data first: a cut file, or a pickle that would run code, fails here in one line naming it
+            read_checkpoint(Path(cfg.pretrained), f"--pretrained {cfg.pretrained}")
+        # timm's own loader (weights_only=True too) maps a full classifier checkpoint onto the features-only model.
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(cfg.pretrained)})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -28,6 +28,27 @@ def require_keys(record: object, keys: tuple[str, ...], path: Path, what: str) -
         raise VlbenchError(f"{path}: {what} lacks key(s) {missing} (expected {list(keys)})")
 
 
+def require_fields(record: object, fields: dict[str, type | tuple[type, ...]], path: Path, what: str) -> None:
+    """``record`` is an object with every key of ``fields``, each of its type: a wrong type (a number where text is
+    expected) fails here, naming the file and record, not later inside a tokenizer or a path template."""
+    require_keys(record, tuple(fields), path, what)
+    for key, expected in fields.items():
+        value = record[key]
+        if not isinstance(value, expected) or isinstance(value, bool):
+            names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+            raise VlbenchError(f"{path}: {what} has {key}={value!r} ({type(value).__name__}), expected {names}")
+
+
+def format_template(template: str, path: Path, what: str, **fields: object) -> str:
+    """An image path from the data config's template; a value the template cannot take (``{image_id:012d}`` given
+    text) or a field it names that the format lacks fails naming the file, the record and the template."""
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+        raise VlbenchError(f"{path}: {what} does not fit the image template {template!r} ({problem})") from e
+
+
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     """One JSON object per line (NLVR2); blank lines skipped; every record must carry ``required`` keys."""
     if not path.is_file():

@@ -29,6 +29,8 @@ def resolve_data_root(data_cfg: DictConfig, data_format: str = "vqav2") -> Path:
     root = root / subdir if subdir else root
     if not root.is_dir():
         raise VlbenchError(f"data.root={root}: directory not found (expected the dataset's official files there)")
+    if next(root.iterdir(), None) is None:  # say so, rather than name the first of many files that are missing
+        raise VlbenchError(f"data.root={root}: the directory is empty (expected the dataset's official files there)")
     return root
 
 

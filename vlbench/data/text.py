@@ -16,14 +16,18 @@ def load_tokenizer(spec: str, data_root: Path) -> PreTrainedTokenizerFast:
         path = data_root / "tokenizer.json"
         if not path.exists():
             raise VlbenchError(f"{path}: no tokenizer.json in the data root; set data.tokenizer=<path or name>")
-        return PreTrainedTokenizerFast(
-            tokenizer_file=str(path),
-            pad_token="[PAD]",
-            unk_token="[UNK]",
-            cls_token="[CLS]",
-            sep_token="[SEP]",
-            mask_token="[MASK]",
-        )
+        try:
+            return PreTrainedTokenizerFast(
+                tokenizer_file=str(path),
+                pad_token="[PAD]",
+                unk_token="[UNK]",
+                cls_token="[CLS]",
+                sep_token="[SEP]",
+                mask_token="[MASK]",
+            )
+        except Exception as e:  # the Rust parser raises a bare Exception ("... at line 2 column 0")
+            reason = " ".join(str(e).split())
+            raise VlbenchError(f"{path}: not a readable tokenizer file ({reason}; expected HF tokenizers' JSON)") from e
     from transformers import AutoTokenizer
 
     try:
