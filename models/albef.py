@@ -77,7 +77,7 @@ from vlbench.models.losses import (
     distillation_targets,
     enqueue,
     image_text_contrastive_loss,
-    mask_tokens,
+    mask_caption_tokens,
     momentum_update,
     sample_hard_negatives,
     text_assignment_pairs,
@@ -318,15 +318,8 @@ class ALBEF(VisionLanguageModel):
     ) -> torch.Tensor:
         """Mean over the (global) batch's masked tokens; nothing masked here still keeps every MLM weight in the
         graph (a zero), as DDP needs."""
-        special = [self.ctx.pad_token_id, self.ctx.cls_token_id, self.ctx.sep_token_id]
-        masked_ids, labels = mask_tokens(
-            input_ids,
-            attention_mask,
-            self.ctx.vocab_size,
-            self.ctx.mask_token_id,
-            special,
-            self.cfg.mlm_probability,
-            shard=shard,
+        masked_ids, labels = mask_caption_tokens(
+            self.ctx, input_ids, attention_mask, self.cfg.mlm_probability, shard=shard
         )
         chosen = labels != -100
         text_tokens = self.online.text_encoder(masked_ids, attention_mask)

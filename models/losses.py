@@ -183,6 +183,14 @@ def mask_tokens(
     return masked, labels
 
 
+def mask_caption_tokens(
+    ctx, input_ids: torch.Tensor, attention_mask: torch.Tensor, probability: float, shard: BatchShard | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask_tokens`` with the tokenizer of a ``ModelContext``: padding, [CLS] and [SEP] are never chosen."""
+    special = [ctx.pad_token_id, ctx.cls_token_id, ctx.sep_token_id]
+    return mask_tokens(input_ids, attention_mask, ctx.vocab_size, ctx.mask_token_id, special, probability, shard=shard)
+
+
 def sample_mismatches(
     batch_size: int,
     probability: float,

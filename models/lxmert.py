@@ -78,7 +78,7 @@ from vlbench.models.layers import (
     TransformerStack,
     init_bert_weights,
 )
-from vlbench.models.losses import BatchShard, mask_tokens, sample_mismatches
+from vlbench.models.losses import BatchShard, mask_caption_tokens, sample_mismatches
 from vlbench.registry import MODELS
 
 
@@ -279,16 +279,7 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
         )
         token_type_ids = batch.get("token_type_ids")
         token_type_ids = None if token_type_ids is None else shard.gather(token_type_ids)[sentence]
-        special = [pad, self.ctx.cls_token_id, self.ctx.sep_token_id]
-        masked_ids, mlm_labels = mask_tokens(
-            input_ids,
-            attention_mask,
-            self.ctx.vocab_size,
-            self.ctx.mask_token_id,
-            special,
-            cfg.mlm_probability,
-            shard=shard,
-        )
+        masked_ids, mlm_labels = mask_caption_tokens(self.ctx, input_ids, attention_mask, cfg.mlm_probability, shard)
         masked_features, masked_regions = mask_regions(features, region_mask, cfg.object_mask_probability, shard)
 
         qa_answers = None

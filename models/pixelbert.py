@@ -48,7 +48,7 @@ from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch, JointEncoding, ModelContext, TextSizes, VisionLanguageModel
 from vlbench.models.checkpoints import read_state_dict
 from vlbench.models.layers import MaskedLMHead, PooledNativeHeads, TextEmbeddings, TransformerStack, init_bert_weights
-from vlbench.models.losses import mask_tokens, sample_mismatches
+from vlbench.models.losses import mask_caption_tokens, sample_mismatches
 from vlbench.registry import MODELS
 
 PIXEL_POSITIONS = ("none", "learned_2d")
@@ -196,10 +196,7 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
         image, matched = sample_mismatches(
             input_ids.shape[0], cfg.matching_probability, batch.get("image_ids"), input_ids.device
         )
-        special = [ctx.pad_token_id, ctx.cls_token_id, ctx.sep_token_id]
-        masked_ids, labels = mask_tokens(
-            input_ids, attention_mask, ctx.vocab_size, ctx.mask_token_id, special, cfg.mlm_probability
-        )
+        masked_ids, labels = mask_caption_tokens(ctx, input_ids, attention_mask, cfg.mlm_probability)
         if cfg.mlm_matched_only:
             labels = labels.masked_fill(~matched[:, None], -100)
         encoding = self.fuse(masked_ids, attention_mask, pixels[image], batch.get("token_type_ids"))

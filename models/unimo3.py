@@ -63,7 +63,7 @@ from vlbench.models.layers import (
     build_vit,
     init_bert_weights,
 )
-from vlbench.models.losses import in_batch_contrastive_loss, itm_pair_indices, mask_tokens
+from vlbench.models.losses import in_batch_contrastive_loss, itm_pair_indices, mask_caption_tokens
 from vlbench.registry import MODELS
 
 SOURCES = ("unimodal", "cross_modal")
@@ -364,16 +364,9 @@ class UNIMO3(PooledNativeHeads, VisionLanguageModel):
     def _mlm_loss(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_levels: torch.Tensor
     ) -> torch.Tensor:
-        special = [self.ctx.pad_token_id, self.ctx.cls_token_id, self.ctx.sep_token_id]
         shard = self.batch_shard(input_ids.shape[0])
-        masked_ids, labels = mask_tokens(
-            input_ids,
-            attention_mask,
-            self.ctx.vocab_size,
-            self.ctx.mask_token_id,
-            special,
-            self.cfg.mlm_probability,
-            shard=shard,
+        masked_ids, labels = mask_caption_tokens(
+            self.ctx, input_ids, attention_mask, self.cfg.mlm_probability, shard=shard
         )
         chosen = labels != -100  # none here: an empty sum, a zero that keeps the head in the graph
         fused = self.fuse(self.text_levels(masked_ids, attention_mask), attention_mask, image_levels)
