@@ -20,11 +20,10 @@ from torch import nn
 
 from vlbench.errors import VlbenchError
 from vlbench.results import config_differences
-from vlbench.safe_load import read_safetensors
+from vlbench.safe_load import key_listing, read_safetensors
 
 MODEL_PREFIX = "model."  # TaskModel's model sub-module
 HEAD_PREFIX = "head."  # TaskModel's task head
-_LISTED = 8  # keys named in an error before "... and N more"
 
 
 @dataclass
@@ -74,11 +73,6 @@ def resolve_init_source(value: str) -> InitSource:
         if weights.exists():
             return InitSource(weights, path, name, _sha256(weights))
     raise VlbenchError(f"init_from={value}: no checkpoints/best.safetensors or last.safetensors in that run")
-
-
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_LISTED])
-    return shown + (f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
 
 
 def _model_config_hint(source: InitSource, model_cfg: DictConfig) -> str:
@@ -135,11 +129,11 @@ def load_init_weights(model: nn.Module, source: InitSource, model_cfg: DictConfi
     missing, unexpected, wrong_shape = _compare(model, theirs)
     problems = []
     if missing:
-        problems.append(f"missing from the checkpoint: {_listing(missing)}")
+        problems.append(f"missing from the checkpoint: {key_listing(missing)}")
     if unexpected:
-        problems.append(f"not in this model: {_listing(unexpected)}")
+        problems.append(f"not in this model: {key_listing(unexpected)}")
     if wrong_shape:
-        problems.append(f"shape differs (checkpoint vs model): {_listing(wrong_shape)}")
+        problems.append(f"shape differs (checkpoint vs model): {key_listing(wrong_shape)}")
     if problems:
         hint = _model_config_hint(source, model_cfg)
         raise VlbenchError(f"init_from={source.weights}: {'; '.join(problems)}{hint}")

@@ -33,7 +33,8 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _listing(keys: list[str]) -> str:
+def key_listing(keys: list[str]) -> str:
+    """Keys for an error line: the first few, then how many more."""
     shown = ", ".join(keys[:_LISTED])
     return shown + (f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
 
@@ -100,9 +101,9 @@ def load_safetensors_into(module: nn.Module, path: Path, source: str) -> None:
         raise VlbenchError(f"{source}: tensors of another shape than this model's ({_first_line(e)})") from e
     problems = []
     if missing:
-        problems.append(f"missing from the checkpoint: {_listing(sorted(missing))}")
+        problems.append(f"missing from the checkpoint: {key_listing(sorted(missing))}")
     if unexpected:
-        problems.append(f"not in this model: {_listing(sorted(unexpected))}")
+        problems.append(f"not in this model: {key_listing(sorted(unexpected))}")
     if problems:
         raise VlbenchError(f"{source}: not a checkpoint of this model ({'; '.join(problems)})")
 
