@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
+import types
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlbench.models.base import Batch, JointEncoding, ModelObjectives, TextSizes
 
@@ -327,6 +330,53 @@ def build_vit(
         num_classes=0,
         global_pool="",
     )
+
+
+def transformer_block_types() -> tuple[type[nn.Module], ...]:
+    """The blocks every family's stacks are made of: our BERT layer (also inside LXMERT's and UNIMO-3's cross layers
+    and ALBEF's answer decoder), ALBEF's two-image fusion layer, and timm's ViT block."""
+    from timm.models.vision_transformer import Block as VitBlock
+
+    return (TransformerLayer, TwinCrossAttentionLayer, VitBlock)
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The block's own forward; while training with gradients, under activation checkpointing: its inner activations
+    are dropped after the forward and recomputed in backward (dropout draws replayed: the same numbers)."""
+    forward = functools.partial(type(self).forward, self)
+    if self.training and torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def transformer_blocks(module: nn.Module) -> list[nn.Module]:
+    """The outermost transformer blocks under ``module`` (a block inside a block is part of it), in module order: the
+    units of activation checkpointing and of FSDP sharding."""
+    block_types = transformer_block_types()
+    blocks = []
+
+    def visit(node: nn.Module) -> None:
+        if isinstance(node, block_types):
+            blocks.append(node)
+            return
+        for child in node.children():
+            visit(child)
+
+    visit(module)
+    return blocks
+
+
+def checkpoint_transformer_blocks(module: nn.Module) -> int:
+    """Activation checkpointing for every transformer block under ``module`` (``trainer.activation_checkpointing``):
+    a block then keeps only its inputs for backward, so activation memory grows with the number of blocks, not with
+    their inner width — base scale on a small GPU, for about one more forward of compute. Weights, state-dict keys and
+    numbers are unchanged; evaluation and no-grad forwards (momentum encoders) run as before. Returns how many blocks
+    are checkpointed."""
+    blocks = transformer_blocks(module)
+    for block in blocks:
+        # a method bound to the block, in the instance: a deep copy (ALBEF's momentum copies) binds to the copy
+        block.forward = types.MethodType(_checkpointed_forward, block)
+    return len(blocks)
 
 
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -22,6 +22,10 @@ Choices the paper leaves open (or that we could not check against its text offli
   evaluation never samples. ``pixel_sample: null`` turns sampling off.
 - ``cnn``/``cnn_kwargs``/``cnn_out_index``: which timm network and which feature map (the paper: the last ResNet
   stage). BatchNorm trains as timm's default (the paper says nothing about freezing it).
+- ``channels_last``: true — the CNN's weights and input in NHWC memory order, where CPU (oneDNN) and GPU (cuDNN)
+  convolutions run faster (ResNet-50, 384 px, batch 2, one CPU thread, medians: the CNN's forward + backward
+  1.04–1.12×, a whole pre-training step 1.02–1.06×; the tiny scale's CNN 1.26×); the numbers are the contiguous
+  network's up to float rounding. Not a modelling choice: speed only.
 - ``mlm_matched_only``: the MLM loss counts matched pairs only (a mismatched caption does not describe the pixels it
   sees); both losses come from one forward pass over the masked batch, as LXMERT's reference does, rather than an
   unmasked second pass for ITM.
@@ -106,6 +110,9 @@ class PixelEmbeddings(nn.Module):
         super().__init__()
         hidden = sizes.hidden_size
         self.cnn = build_cnn(cfg)
+        self.channels_last = cfg.channels_last
+        if self.channels_last:  # copies of these weights (state dicts, optimizer moments) keep the memory order
+            self.cnn.to(memory_format=torch.channels_last)
         self.proj = nn.Linear(self.cnn.feature_info.channels()[-1], hidden)
         self.visual_type = nn.Parameter(torch.empty(hidden))
         self.rows = self.cols = None
@@ -120,7 +127,9 @@ class PixelEmbeddings(nn.Module):
         nn.init.normal_(self.visual_type, std=0.02)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        feature_map = self.cnn(pixel_values)[-1]  # (B, C, h, w)
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        feature_map = self.cnn(pixel_values)[-1]  # (B, C, h, w); NHWC in memory with channels_last: no copy below
         height, width = feature_map.shape[2:]
         x = self.proj(feature_map.flatten(2).transpose(1, 2)) + self.visual_type  # (B, h·w, H), row-major
         if self.rows is not None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from vlbench.errors import VlbenchError
@@ -38,23 +38,68 @@ class EvalResult:
 
 @dataclass
 class EvalContext:
-    """How the runner wants evaluation done: device, batch size, loader workers, progress bars, autocast."""
+    """How the runner wants evaluation done: device, batch size, loader workers, progress bars, autocast, and this
+    process's shard of each split under torchrun (``rank`` of ``world_size``; ``gather`` collects every process's
+    list of predictions on rank 0, in rank order, and returns None elsewhere)."""
 
     device: torch.device
     batch_size: int
     num_workers: int = 0
     progress: bool = False
     autocast: Callable[[], AbstractContextManager] = field(default=lambda: torch.autocast("cpu", enabled=False))
+    rank: int = 0
+    world_size: int = 1
+    gather: Callable[[list], list[list] | None] | None = None
+    _loaders: dict[int, tuple[Dataset, DataLoader]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _shards: dict[tuple[int, int, int], tuple[Dataset, Dataset]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def shard(self, dataset: Dataset) -> Dataset:
+        """This process's contiguous part of ``dataset`` (the whole of it in one process), one object per dataset
+        and bounds, so that ``loader`` finds its cached loader again."""
+        start, end = shard_bounds(len(dataset), self.rank, self.world_size)
+        if (start, end) == (0, len(dataset)):
+            return dataset
+        key = (id(dataset), start, end)
+        cached = self._shards.get(key)
+        if cached is not None and cached[0] is dataset:
+            return cached[1]
+        part = _Shard(dataset, range(start, end))
+        self._shards[key] = (dataset, part)  # the dataset held too: its id is never reused meanwhile
+        return part
 
     def loader(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(
+        """One loader per dataset for this context's life: with workers, they (and the images they cached) persist
+        from one evaluation to the next instead of starting cold every ``eval_every`` steps."""
+        cached = self._loaders.get(id(dataset))
+        if cached is not None and cached[0] is dataset:
+            return cached[1]
+        loader = DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=False,
             collate_fn=dataset.collate,
             num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),  # evaluating must not consume the training RNG: eval_every changes no result
         )
+        self._loaders[id(dataset)] = (dataset, loader)  # the dataset held too: its id is never reused meanwhile
+        return loader
+
+
+def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of the ``rank``-th of ``world_size`` contiguous shards of ``size`` examples: every index in
+    exactly one shard, the sizes differing by at most one (no padding, no example twice)."""
+    return rank * size // world_size, (rank + 1) * size // world_size
+
+
+class _Shard(Subset):
+    """A contiguous part of a task's dataset that batches as the dataset does."""
+
+    def collate(self, items: list) -> Any:
+        return self.dataset.collate(items)
 
 
 def write_json_predictions(records: list[dict], path_stem: Path) -> Path:
@@ -93,6 +138,9 @@ class Task:
     """Base class. ``head_kind`` names the native head a model may offer instead of the shared one."""
 
     head_kind: str = ""
+    # predict_split predicts each process's shard and gathers them on rank 0 (False: it needs the whole split at once,
+    # and rank 0 evaluates alone)
+    shardable_evaluation: bool = True
     data_format: str = ""  # the dataset format the task reads: a key of ``data.datasets`` (vqav2, gqa, nlvr2, karpathy)
 
     def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
@@ -140,14 +188,19 @@ class Task:
 
     @torch.no_grad()
     def predict_split(self, net: nn.Module, split: str, ctx: EvalContext) -> list[dict]:
-        """Predictions for a split in the task's record format: batched forward passes, then ``predict``."""
-        dataset = self.dataset(split)
+        """Predictions for a split in the task's record format: batched forward passes, then ``predict``. Under
+        torchrun each process predicts its contiguous shard; rank 0 returns them all, in the split's order (each
+        example once), the other processes an empty list."""
+        dataset = ctx.shard(self.dataset(split))
         predictions: list[dict] = []
         for batch in tqdm(ctx.loader(dataset), desc=f"eval {split}", leave=False, disable=not ctx.progress):
             batch = to_device(batch, ctx.device)
             with ctx.autocast():
                 outputs = net(batch)
             predictions += self.predict(outputs.float(), batch, split)
+        if ctx.world_size > 1:
+            parts = ctx.gather(predictions)
+            return [p for part in parts for p in part] if parts is not None else []
         return predictions
 
     def build_shared_head(self, hidden_size: int) -> nn.Module:

@@ -28,6 +28,7 @@ EVAL_SEED = 1234
 @TASKS.register("nlvr2_ta")
 class TextAssignmentTask(CaptionCorpusTask):
     head_kind = "text_assignment"
+    shardable_evaluation = False  # predict_split needs the whole split
 
     @property
     def num_outputs(self) -> int:

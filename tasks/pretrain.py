@@ -63,6 +63,7 @@ def read_lxmert_questions(root: Path, names: list[str]) -> list[tuple[str, str, 
 @TASKS.register("pretrain")
 class PretrainTask(CaptionCorpusTask):
     head_kind = "pretrain"
+    shardable_evaluation = False  # predict_split needs the whole split
 
     def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
         super().__init__(cfg, data_cfg, data_root, tokenizer, visual_input)

@@ -267,6 +267,7 @@ class CaptionCorpusTask(Task):
 @TASKS.register("retrieval")
 class RetrievalTask(CaptionCorpusTask):
     head_kind = "image_text_matcher"
+    shardable_evaluation = False  # predict_split needs the whole split
 
     def __init__(self, cfg: DictConfig, data_cfg: DictConfig, data_root: Path, tokenizer, visual_input: str):
         if cfg.scoring not in ("auto", "itc", "itm", "itc_itm"):

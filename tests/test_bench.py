@@ -33,6 +33,14 @@ def test_pixelbert_bench_compares_sampling_on_and_off(capsys):
     assert "speed-up of pixel sampling:" in out
 
 
+def test_pixelbert_bench_compares_channels_last_and_contiguous(capsys):
+    args = ["--scale", "tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--text-length", "6"]
+    main(["pixelbert", *args, "--compare", "channels_last"])
+    out = capsys.readouterr().out
+    assert "channels_last:" in out and "contiguous:" in out and "speed-up of channels-last:" in out
+    assert "sampled:" not in out
+
+
 def test_models_bench_writes_table_json_and_history(cache_dir, tmp_path, capsys):
     import json
 
@@ -43,9 +51,11 @@ def test_models_bench_writes_table_json_and_history(cache_dir, tmp_path, capsys)
     args = ["models", "--models", "textonly", "--steps", "1", "--warmup", "0", "--eager-steps", "1"]
     args += ["--loader-batches", "2", "--gemm-size", "256", "--json", str(out_json), "--history", str(history)]
     main([*args, *SMALL_WORLD, "trainer.batch_size=8"])
-    assert "util = achieved FLOP/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "util = achieved FLOP/s" in out and "load×" in out and "compiled/s" not in out
     record = json.loads(out_json.read_text())
     row = record["rows"][0]
+    assert row["compiled_train_samples_per_s"] is None and row["compile_s"] is None  # not asked for
     assert row["model"] == "textonly" and row["batch_size"] == 8 and row["params"] > 0
     assert row["flops_per_sample"] > 0 and row["utilisation"] > 0 and row["peak_memory_mb"] > 0
     for key in ("train_samples_per_s", "eval_samples_per_s", "loader_samples_per_s", "eager_attention_samples_per_s"):
@@ -53,6 +63,22 @@ def test_models_bench_writes_table_json_and_history(cache_dir, tmp_path, capsys)
     assert record["git_sha"] and record["matmul_flops"] > 0
     save_record(record, None, str(history))
     assert len(history.read_text().splitlines()) == 2  # appended, not overwritten
+
+
+@pytest.mark.slow  # compiling on CPU takes a minute or more
+def test_models_bench_times_the_compiled_training_step(cache_dir, tmp_path, capsys):
+    import json
+
+    from tests.conftest import SMALL_WORLD
+
+    out_json = tmp_path / "latest.json"
+    args = ["models", "--models", "textonly", "--steps", "2", "--warmup", "1", "--eager-steps", "0", "--compile"]
+    args += ["--loader-batches", "2", "--gemm-size", "256", "--json", str(out_json), "--history", ""]
+    main([*args, *SMALL_WORLD, "trainer.batch_size=8"])
+    assert "compiled/s" in capsys.readouterr().out
+    row = json.loads(out_json.read_text())["rows"][0]
+    assert row["compiled_train_samples_per_s"] > 0 and row["compile_s"] > 0
+    assert row["compile_speedup"] == pytest.approx(row["compiled_train_samples_per_s"] / row["train_samples_per_s"])
 
 
 def test_models_bench_reports_a_failing_model_as_a_row():

@@ -1,5 +1,6 @@
 """The `vlbench` and `vlbench-data` entry points as a user runs them: help, config printing, bad input."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SMALL_WORLD
+from vlbench.schema import TrainerConfig
 
 VLBENCH = [sys.executable, "-m", "vlbench.cli"]
+TRAINER_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(TrainerConfig)))  # listed in a bad key's message
 
 
 def vlbench(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
@@ -34,13 +37,43 @@ def test_help_and_cfg_job(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize(
-    ("override", "needle"),
-    [("trainer.max_stepz=5", "max_stepz"), ("trainer.max_steps=many", "max_steps"), ("model=alberf", "alberf")],
+    ("override", "line"),
+    [
+        ("trainer.max_stepz=5", f"unknown config key 'trainer.max_stepz' (known keys of trainer: {TRAINER_KEYS})"),
+        (
+            "trainer.max_steps=many",
+            "Error merging override trainer.max_steps=many: Value 'many' of type 'str' could not be converted to "
+            "Integer",
+        ),
+        ("model=alberf", "model=alberf: no such option in config group 'model' (available: albef, lxmert, majority, "),
+        ("seed=[1", "seed=[1: cannot parse this override (no viable alternative at input '[1'"),
+        ("+trainer.max_stepz=5", f"unknown config key 'trainer.max_stepz' (known keys of trainer: {TRAINER_KEYS})"),
+        ("+model.typo=3", "unknown config key 'model.typo' (known keys of model: alpha, "),
+        ("+nosuchkey=1", "unknown config key 'nosuchkey' (known keys at the top level: data, deterministic, "),
+    ],
 )
-def test_bad_overrides_fail_at_start(tmp_path, cache_dir, override, needle):
+def test_bad_overrides_fail_at_start(tmp_path, cache_dir, override, line):
+    """Composition errors and keys added with `+` that no schema declares: one line, exit 2, nothing written."""
     proc = vlbench(override, f"results_dir={tmp_path}/runs", cwd=tmp_path, cache=cache_dir)
-    assert proc.returncode != 0 and needle in proc.stderr
-    assert not list(tmp_path.rglob("result.json"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(f"vlbench: error: {line}"), proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "runs").exists()
+
+
+def test_unknown_key_in_a_sweep_fails_before_any_job_runs(tmp_path, cache_dir):
+    """A `+` key in a sweep's common overrides is checked before the sweep directory exists; one added by a swept
+    value, as its first job starts (before the job runs)."""
+    common = vlbench(
+        "-m", "seed=0,1", "+trainer.nosuch=1", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path, cache=cache_dir
+    )
+    swept = vlbench("-m", "+trainer.nosuch=1,2", f"hydra.sweep.dir={tmp_path}/swept", cwd=tmp_path, cache=cache_dir)
+    for proc in (common, swept):
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert error_lines(proc) == [error_lines(common)[0]]
+        assert error_lines(proc)[0].startswith("vlbench: error: unknown config key 'trainer.nosuch' (known keys of ")
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweep").exists()
+    assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("failed.json"))
 
 
 def bad_data_run(tmp_path: Path, cache: Path, root: Path) -> subprocess.CompletedProcess:

@@ -37,6 +37,7 @@ from tests.test_tasks_end_to_end import SMALL_FORMATS
 from vlbench.distributed import Processes, init_from_env
 from vlbench.errors import VlbenchError
 from vlbench.runner import EpochShuffleSampler, run
+from vlbench.tasks.base import EvalContext, Task, shard_bounds
 
 WORLD = 2
 TOLERANCE = 1e-5
@@ -144,6 +145,96 @@ def test_lxmert_pretraining_in_two_processes_equals_one(make_cfg, tmp_path):
     assert manifest["batch_size"] == 8 and manifest["per_device_batch_size"] == 4 and manifest["num_devices"] == 2
 
 
+def test_lxmert_sharded_with_fsdp_in_two_processes_equals_one_and_resumes(make_cfg, tmp_path):
+    """trainer.fsdp=true: FSDP2 shards (one unit per transformer block + the root) train as one process does; the
+    checkpoints are full state dicts (rank 0's unsharded replica, the optimizer's moments gathered), so a sharded
+    run stopped at step 2 resumes — sharded again — to one process's step 4, and one process reads them as its own.
+    With activation checkpointing too: the blocks recompute under their FSDP unit's gathered parameters."""
+    setting = ("model=lxmert", "task=pretrain", *SMALL_FORMATS, "trainer.batch_size=8", "trainer.max_steps=4")
+    one = run(make_cfg(*setting), tmp_path / "one")
+    sharded = make_cfg(*setting, "trainer.fsdp=true", "trainer.activation_checkpointing=true", "trainer.stop_at_step=2")
+    run_in_two_processes(sharded, tmp_path / "two")
+    half = load_file(tmp_path / "two" / "checkpoints" / "last.safetensors")
+    assert half.keys() == load_file(tmp_path / "one" / "checkpoints" / "last.safetensors").keys()
+    moments = torch.load(tmp_path / "two" / "checkpoints" / "last.state.pt", weights_only=True)["optimizer"]["state"]
+    shapes = [tuple(v.shape) for v in half.values()]
+    assert moments and all(tuple(m["exp_avg"].shape) in shapes for m in moments.values())  # whole, not halves
+    run_in_two_processes(make_cfg(*setting, "trainer.fsdp=true", f"resume={tmp_path / 'two'}"), tmp_path / "two")
+    assert_same_checkpoints(tmp_path / "one", tmp_path / "two")
+    assert_same_losses(tmp_path / "one", tmp_path / "two")
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["num_devices"] == 2 and two["steps"] == 4
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["data_parallel"] == "fsdp" and manifest["per_device_batch_size"] == 4
+    assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-4)
+    assert two["val_metrics"] == pytest.approx(one["val_metrics"], rel=1e-4)
+
+
+def _shard_tiny_lxmert(rank: int, port: int, out_dir: str) -> None:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from tests.models.test_lxmert import tiny_lxmert
+    from vlbench.models.layers import transformer_blocks
+
+    _as_torchrun_starts_it(rank, port)
+    processes = init_from_env()
+    try:
+        net = tiny_lxmert()
+        whole = {name: p.numel() for name, p in net.named_parameters()}
+        blocks = transformer_blocks(net)
+        processes.shard(net, torch.device("cpu"), blocks)
+        params = dict(net.named_parameters())
+        report = {
+            "blocks": len(blocks),
+            "units": sum(isinstance(m, FSDPModule) for m in net.modules()),
+            "names_kept": list(params) == list(whole),
+            "all_sharded": all(isinstance(p, DTensor) for p in params.values()),
+            "local": sum(p.to_local().numel() for p in params.values()),
+            "whole": sum(whole.values()),
+        }
+        (Path(out_dir) / f"{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_makes_each_transformer_block_a_unit_and_halves_the_parameters(tmp_path):
+    """Tiny LXMERT: 2 language + 1 object layers and 2 cross layers of 2 BERT layers each = 7 blocks, + the root."""
+    mp.start_processes(_shard_tiny_lxmert, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="forkserver")
+    reports = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(WORLD)]
+    for report in reports:
+        assert report["blocks"] == 7 and report["units"] == 8 and report["names_kept"] and report["all_sharded"]
+        assert report["local"] < 0.55 * report["whole"]  # dim 0 of each parameter split in two (odd sizes unevenly)
+    assert sum(r["local"] for r in reports) == reports[0]["whole"]
+
+
+def _refused(rank: int, cfg, run_dir: str, port: int, out_dir: str) -> None:
+    _as_torchrun_starts_it(rank, port)
+    try:
+        run(cfg, Path(run_dir))
+    except VlbenchError as e:
+        (Path(out_dir) / f"{rank}.txt").write_text(str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_fsdp_refuses_a_model_that_changes_parameters_in_its_forward(make_cfg, tmp_path):
+    """ALBEF's momentum encoders move (and its temperature is clamped) inside the forward: under FSDP the forward
+    sees gathered copies, so these updates would be lost. One line on every process, before the first step."""
+    cfg = make_cfg("model=albef", "task=pretrain", *SMALL_FORMATS, "trainer.batch_size=8", "trainer.fsdp=true")
+    args = (cfg, str(tmp_path / "run"), free_port(), str(tmp_path))
+    mp.start_processes(_refused, args=args, nprocs=WORLD, start_method="forkserver")
+    for rank in range(WORLD):
+        assert (tmp_path / f"{rank}.txt").read_text() == (
+            "trainer.fsdp=true: model=albef changes parameters inside its forward (model.temp, "
+            "model.momentum_model.visual_encoder.cls_token, model.momentum_model.visual_encoder.pos_embed and 138 "
+            "more: momentum encoders or clamped temperatures), which FSDP's gathered copies would lose; train it with "
+            "trainer.fsdp=false (DDP)"
+        )
+    assert not train_losses(tmp_path / "run") and not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("launcher", ["fork", pytest.param("torchrun", marks=pytest.mark.slow)])
 def test_the_cli_in_two_processes_writes_one_record_equal_to_one_process(make_cfg, tmp_path, cache_dir, launcher):
     """The user's path: `torchrun --nproc_per_node=2 -m vlbench.cli …` (slow: three processes import everything;
@@ -230,3 +321,87 @@ def test_the_global_batch_must_divide_over_the_processes():
     assert Processes(rank=1, world_size=4).local_batch_size(32) == 8
     with pytest.raises(VlbenchError, match=r"trainer.batch_size=30 is the global batch: .* over the 4 processes"):
         Processes(rank=1, world_size=4).local_batch_size(30)
+
+
+def test_evaluation_shards_cover_every_example_once():
+    """Contiguous shards in rank order: concatenated, they are the split (uneven sizes at the tail, no padding)."""
+    for size in range(8):
+        for world_size in range(1, 4):
+            bounds = [shard_bounds(size, rank, world_size) for rank in range(world_size)]
+            assert [i for start, end in bounds for i in range(start, end)] == list(range(size))
+            assert max(end - start for start, end in bounds) - min(end - start for start, end in bounds) <= 1
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 7
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, items: list[int]) -> dict[str, torch.Tensor]:
+        return {"index": torch.tensor(items)}
+
+
+class _EchoTask(Task):
+    def __init__(self):
+        self.data = _Indices()
+
+    def dataset(self, split: str) -> torch.utils.data.Dataset:
+        return self.data
+
+    def predict(self, outputs: torch.Tensor, batch, split: str) -> list[dict]:
+        return [{"index": i} for i in outputs.long().tolist()]
+
+
+def test_each_process_predicts_its_shard_and_rank_0_returns_the_split_in_order():
+    """Task.predict_split with 3 processes over 7 examples (shards of 2, 2 and 3, batches of 2), the gather faked."""
+    task, shards = _EchoTask(), {}
+
+    def context(rank: int) -> EvalContext:
+        def gather(part: list) -> list[list] | None:
+            shards[rank] = part
+            return [shards[r] for r in range(3)] if rank == 0 else None
+
+        return EvalContext(torch.device("cpu"), batch_size=2, rank=rank, world_size=3, gather=gather)
+
+    def net(batch):
+        return batch["index"].float()
+
+    contexts = {rank: context(rank) for rank in (2, 1, 0)}  # rank 0 last: the others' parts are there
+    results = {rank: task.predict_split(net, "val", ctx) for rank, ctx in contexts.items()}
+    assert results[1] == results[2] == [] and [p["index"] for p in results[0]] == list(range(7))
+    assert [[p["index"] for p in shards[r]] for r in range(3)] == [[0, 1], [2, 3], [4, 5, 6]]
+    ctx = contexts[2]
+    assert ctx.shard(task.data) is ctx.shard(task.data) and ctx.loader(ctx.shard(task.data)) is ctx.loader(
+        ctx.shard(task.data)
+    )
+
+
+def test_sharded_evaluation_in_two_processes_equals_one(make_cfg, tmp_path):
+    """Each process predicts its contiguous shard of the validation and test splits (21 and 27 questions: shards of
+    unequal size, several batches of 4 each), rank 0 gathers them: the same prediction files, validation log and
+    metrics as one process, with validation during training (eval_every) and the best checkpoint reloaded."""
+    setting = [
+        "model=textonly", "task=vqa", "task.head_dropout=0", "data.images.val=7", "data.images.test=9",
+        "trainer.batch_size=8", "trainer.max_steps=4", "trainer.eval_every=1", "trainer.eval_batch_size=4",
+    ]  # fmt: skip
+    one = run(make_cfg(*setting), tmp_path / "one")
+    run_in_two_processes(make_cfg(*setting), tmp_path / "two")
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["num_devices"] == 2 and two["checkpoint"] == one["checkpoint"]
+    assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-4)
+    assert two["val_metrics"] == pytest.approx(one["val_metrics"], rel=1e-4)
+    for split, size in (("val", 21), ("test", 27)):
+        predictions = json.loads((tmp_path / "two" / f"predictions_{split}.json").read_text())
+        assert len(predictions) == size and len({p["question_id"] for p in predictions}) == size
+        assert predictions == json.loads((tmp_path / "one" / f"predictions_{split}.json").read_text())
+
+    def validations(run_dir: Path) -> dict[int, dict[str, float]]:
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {e["step"]: {k: v for k, v in e.items() if k.startswith("val/")} for e in lines if "val/accuracy" in e}
+
+    logged_one, logged_two = validations(tmp_path / "one"), validations(tmp_path / "two")
+    assert logged_two.keys() == logged_one.keys() and len(logged_one) >= 4  # steps 1-3 and the final validation
+    for step, values in logged_one.items():
+        assert logged_two[step] == pytest.approx(values, rel=1e-4), step

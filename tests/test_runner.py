@@ -149,3 +149,74 @@ def test_evaluating_more_often_changes_no_training_result(make_cfg, tmp_path):
     a = load_file(tmp_path / "q" / "checkpoints" / "last.safetensors")
     b = load_file(tmp_path / "c" / "checkpoints" / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train_losses(run_dir) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["train/loss"] for x in lines if "train/loss" in x]
+
+
+@pytest.mark.slow  # compiling on CPU takes a minute or more
+def test_compiled_training_matches_eager_and_saves_plain_keys(make_cfg, tmp_path):
+    # textonly's shared VQA head has dropout (0.1): compiled dropout must draw eager's random numbers
+    common = ("model=textonly", "trainer.max_steps=3", "trainer.test_checkpoint=last")
+    eager = run(make_cfg(*common), tmp_path / "eager")
+    compiled = run(make_cfg(*common, "trainer.compile=true"), tmp_path / "compiled")
+    assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), abs=1e-4)
+    assert compiled["metrics"] == pytest.approx(eager["metrics"], abs=1e-6)
+    a = load_file(tmp_path / "eager" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "compiled" / "checkpoints" / "last.safetensors")
+    assert a.keys() == b.keys() and not any("_orig_mod" in k for k in b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
+    assert json.loads((tmp_path / "compiled" / "manifest.json").read_text())["compile"] is True
+
+
+def test_loader_workers_across_epochs_and_resume_change_no_result(make_cfg, tmp_path, monkeypatch):
+    # 288 training questions / 16 = 18 steps an epoch: both runs cross into the second epoch
+    common = ("model=textonly", "trainer.max_steps=20", "trainer.test_checkpoint=last")
+    straight = run(make_cfg(*common, "run_id=a"), tmp_path / "a")
+    passes, real_iter = [], EpochShuffleSampler.__iter__
+
+    def noting_iter(self):
+        passes.append((self.epoch, self.start))
+        return real_iter(self)
+
+    monkeypatch.setattr(EpochShuffleSampler, "__iter__", noting_iter)
+    workers = (*common, "trainer.num_workers=2")
+    assert run(make_cfg(*workers, "trainer.stop_at_step=10"), tmp_path / "b")["stopped_at_step"] == 10
+    resumed = run(make_cfg(*workers, f"resume={tmp_path / 'b'}"), tmp_path / "b")
+    assert passes == [(0, 0), (0, 10 * 16), (1, 0)]  # one loader: each pass reads the sampler's epoch and start
+    assert resumed["metrics"] == straight["metrics"]
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")
+    a = load_file(tmp_path / "a" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_speed_switches_leave_the_config_hash(make_cfg):
+    # runs may resume, be reused or initialise others across these switches (and across their introduction)
+    from vlbench.results import config_hash
+
+    switched = make_cfg("model=pixelbert", "trainer.compile=true", "model.channels_last=false")
+    assert config_hash(switched) == config_hash(make_cfg("model=pixelbert"))
+
+
+def test_activation_checkpointing_from_the_config_changes_no_number(make_cfg, tmp_path, monkeypatch):
+    # dropout inside the blocks (text) and outside them (the head): checkpointing replays the blocks' draws
+    import vlbench.runner as runner
+
+    wrapped = []
+    real = runner.checkpoint_transformer_blocks
+    monkeypatch.setattr(runner, "checkpoint_transformer_blocks", lambda net: wrapped.append(real(net)) or wrapped[-1])
+    common = ("model=textonly", "model.text.dropout=0.1", "trainer.max_steps=3", "trainer.test_checkpoint=last")
+    plain = run(make_cfg(*common), tmp_path / "plain")
+    assert not wrapped
+    checkpointed = run(make_cfg(*common, "trainer.activation_checkpointing=true"), tmp_path / "checkpointed")
+    assert wrapped == [4]  # the tiny text encoder's four layers
+    assert train_losses(tmp_path / "checkpointed") == pytest.approx(train_losses(tmp_path / "plain"), abs=1e-6)
+    assert checkpointed["metrics"] == pytest.approx(plain["metrics"], abs=1e-6)
+    a = load_file(tmp_path / "plain" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "checkpointed" / "checkpoints" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert json.loads((tmp_path / "checkpointed" / "manifest.json").read_text())["activation_checkpointing"] is True

@@ -15,9 +15,12 @@ vlbench-bench retrieval [--run DIR] [--images 1000] [--captions-per-image 5] [--
     pairs. ``--run`` takes the weights of a finished ALBEF run (e.g. ``task=retrieval head=native``).
 
 vlbench-bench pixelbert [--scale tiny|base] [--batch-size 8] [--steps 4] [--warmup 1] [--image-size PX] [--threads N]
+                        [--compare sampling|channels_last]
     Pixel-BERT pre-training steps/s (MLM + ITM, forward, backward, AdamW) with random pixel sampling on (the scale's
     ``model.pixel_sample``) and off (every pixel), same weights and batch, in one process, alternating rounds.
     ``--image-size 800``: the paper's short side, where its 100 of ~600 pixels shorten the sequence most.
+    ``--compare channels_last``: the CNN (and its input) in channels-last vs contiguous memory order instead
+    (``model.channels_last``), both with the scale's pixel sampling.
 """
 
 from __future__ import annotations
@@ -246,7 +249,8 @@ def bench_retrieval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def bench_pixelbert(args: argparse.Namespace) -> dict[str, float]:
-    """Pixel-BERT pre-training steps/s with and without random pixel sampling: what the paper's sampling saves."""
+    """Pixel-BERT pre-training steps/s with and without random pixel sampling (what the paper's sampling saves), or
+    (``--compare channels_last``) with the CNN in channels-last vs contiguous memory order (``model.channels_last``)."""
     from hydra import compose, initialize_config_module
 
     import vlbench.cli  # noqa: F401  (registers schemas and resolvers, as the app does)
@@ -257,18 +261,25 @@ def bench_pixelbert(args: argparse.Namespace) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     with initialize_config_module(config_module="vlbench.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=["model=pixelbert", f"scale={args.scale}"])
-    if cfg.model.pixel_sample is None:
+    if args.compare == "sampling" and cfg.model.pixel_sample is None:
         raise SystemExit(f"model.pixel_sample is null at scale={args.scale}: nothing to compare")
     size = args.image_size or cfg.data.image_size
     ctx = ModelContext(
         vocab_size=BERT_VOCAB, pad_token_id=0, cls_token_id=101, sep_token_id=102, mask_token_id=103, image_size=size
     )
-    torch.manual_seed(0)
-    sampled = PixelBERT(cfg.model, ctx)
-    every_pixel = cfg.model.copy()
-    every_pixel.pixel_sample = None
-    full = PixelBERT(every_pixel, ctx)
-    full.load_state_dict(sampled.state_dict())  # the same weights
+    if args.compare == "sampling":
+        variants = {"sampled": {}, "all pixels": {"pixel_sample": None}}
+    else:
+        variants = {"channels_last": {"channels_last": True}, "contiguous": {"channels_last": False}}
+    models = {}
+    for name, changes in variants.items():
+        variant = cfg.model.copy()
+        variant.merge_with(changes)
+        torch.manual_seed(0)
+        models[name] = PixelBERT(variant, ctx)
+    first = next(iter(models.values()))
+    for model in models.values():
+        model.load_state_dict(first.state_dict())  # the same weights
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, BERT_VOCAB, (args.batch_size, args.text_length), generator=g)
     ids[:, 0], ids[:, -1] = 101, 102
@@ -279,10 +290,10 @@ def bench_pixelbert(args: argparse.Namespace) -> dict[str, float]:
         "image_ids": torch.arange(args.batch_size),
     }
     batch = {k: v.to(device) for k, v in batch.items()}
-    models = {"sampled": sampled.to(device).train(), "all pixels": full.to(device).train()}
+    models = {name: model.to(device).train() for name, model in models.items()}
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-5) for name, m in models.items()}
     with torch.no_grad():
-        pixels = sampled.pixel_embeddings(batch["pixel_values"][:1]).shape[1]
+        pixels = first.pixel_embeddings(batch["pixel_values"][:1]).shape[1]
 
     def train_step(name: str) -> Callable[[], float]:
         def step() -> float:
@@ -304,10 +315,15 @@ def bench_pixelbert(args: argparse.Namespace) -> dict[str, float]:
         f"{size} px → {pixels} pixels), {args.steps} steps after {args.warmup} warm-up, "
         f"{torch.get_num_threads()} threads, {device}"
     )
-    kept = {"sampled": f"{cfg.model.pixel_sample} pixels", "all pixels": f"{pixels} pixels"}
-    for name, rate in rates.items():
-        print(f"{name:>10}: {rate:8.2f} steps/s  ({seconds[name] * 1000:.0f} ms/step, {kept[name]})")
-    print(f"speed-up of pixel sampling: {rates['sampled'] / rates['all pixels']:.2f}×")
+    if args.compare == "sampling":
+        kept = {"sampled": f"{cfg.model.pixel_sample} pixels", "all pixels": f"{pixels} pixels"}
+        for name, rate in rates.items():
+            print(f"{name:>10}: {rate:8.2f} steps/s  ({seconds[name] * 1000:.0f} ms/step, {kept[name]})")
+        print(f"speed-up of pixel sampling: {rates['sampled'] / rates['all pixels']:.2f}×")
+    else:
+        for name, rate in rates.items():
+            print(f"{name:>13}: {rate:8.2f} steps/s  ({seconds[name] * 1000:.0f} ms/step, CNN {cfg.model.cnn})")
+        print(f"speed-up of channels-last: {rates['channels_last'] / rates['contiguous']:.2f}×")
     return rates
 
 
@@ -333,7 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--device", default="cpu")
     r.set_defaults(func=bench_retrieval)
-    b = sub.add_parser("pixelbert", help="Pixel-BERT pre-training steps/s with random pixel sampling on vs off")
+    b = sub.add_parser(
+        "pixelbert", help="Pixel-BERT pre-training steps/s: random pixel sampling on vs off, or channels-last vs not"
+    )
     b.add_argument("--scale", choices=["tiny", "base"], default="base")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--steps", type=int, default=4, help="timed steps per setting")
@@ -342,6 +360,12 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--image-size", type=int, default=0, help="square images of this size (0: the scale's)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     b.add_argument("--device", default="cpu")
+    b.add_argument(
+        "--compare",
+        choices=["sampling", "channels_last"],
+        default="sampling",
+        help="random pixel sampling on vs off, or the CNN in channels-last vs contiguous memory order",
+    )
     b.set_defaults(func=bench_pixelbert)
     add_models_parser(sub)
     args = parser.parse_args(argv)

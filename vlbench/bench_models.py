@@ -9,7 +9,10 @@ step: matmuls, convolutions and attention — element-wise ops are not counted),
 **utilisation = achieved FLOP/s ÷ the machine's dense matmul FLOP/s in the same dtype**, measured by this command with
 a large GEMM at the same thread count. On CUDA, MFU against the device's nominal peak where we know it. Beside the
 training rate, the data loader's samples/s with the default worker count (``trainer.num_workers``), and the training
-step with every attention layer eager (softmax(QKᵀ/√d)V in explicit matmuls) instead of SDPA — SDPA's gain.
+step with every attention layer eager (softmax(QKᵀ/√d)V in explicit matmuls) instead of SDPA — SDPA's gain. With
+``--compile``, the training step with the forward compiled as ``trainer.compile=true`` compiles it (torch.compile,
+default mode): its steady-state samples/s, the ratio to eager, and the compilation time (reported apart: the extra
+time of the compiled warm-up steps over as many steady ones, recompilation for new text lengths included).
 LXMERT also gets its reference row: transformers' ``LxmertForPreTraining`` vs ours (``vlbench-bench lxmert``).
 
 Output: a table, a JSON file (``--json``), and one line per run appended to a history file (``--history``) with the
@@ -125,7 +128,14 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from vlbench.models.layers import attention_implementation
-    from vlbench.runner import EpochShuffleSampler, autocast_context, build_optimizer, pick_device, seed_everything
+    from vlbench.runner import (
+        EpochShuffleSampler,
+        autocast_context,
+        build_optimizer,
+        compile_forward,
+        pick_device,
+        seed_everything,
+    )
     from vlbench.tasks.base import to_device
 
     if args.threads:
@@ -138,24 +148,24 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
     batch_size = tcfg.batch_size
     needed = args.warmup + args.steps
 
-    def loader(workers: int) -> DataLoader:
-        return DataLoader(
-            train_set,
-            batch_size=batch_size,
-            sampler=EpochShuffleSampler(len(train_set), cfg.seed),
-            drop_last=True,
-            collate_fn=train_set.collate,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-        )
-
-    # the loader alone, with the runner's default workers: a first pass (cold: files decoded, worker start-up) and a
-    # second over the same examples (steady state: the synthetic world's decoded images are cached in memory)
+    # the loader alone, as the runner builds it with its default workers (persistent when there are any): a first
+    # pass (cold: files decoded, worker start-up) and a second over the same examples (steady state: the synthetic
+    # world's decoded images are cached in memory, in the same workers)
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(len(train_set), cfg.seed),
+        drop_last=True,
+        collate_fn=train_set.collate,
+        num_workers=tcfg.num_workers,
+        persistent_workers=tcfg.num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     load_batches = max(needed, args.loader_batches)
 
     def load_pass() -> tuple[list, float]:
         start, loaded = time.perf_counter(), []
-        for batch in loader(tcfg.num_workers):
+        for batch in loader:
             loaded.append(batch)
             if len(loaded) == load_batches:
                 break
@@ -170,10 +180,10 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
     optimizer = build_optimizer(net, tcfg)
     position = iter(range(10**9))
 
-    def train_step() -> None:
+    def train_step(forward: torch.nn.Module = net) -> None:
         batch = batches[next(position) % len(batches)]
         with autocast_context(device, tcfg.precision):
-            outputs = net(batch)
+            outputs = forward(batch)
             loss = task.loss(outputs, batch)
         if loss.requires_grad:
             loss.backward()
@@ -195,6 +205,17 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
         with attention_implementation("eager", net):
             train_step()  # warm-up of the eager path
             eager_seconds = _median_seconds(train_step, args.eager_steps, device)
+    compiled_seconds = compile_seconds = None
+    if getattr(args, "compile", False):
+        compiled = compile_forward(net)
+
+        def compiled_step() -> None:
+            train_step(compiled)
+
+        # the first step compiles; a batch of another text length recompiles once (the length becomes dynamic)
+        warmup_seconds = [_median_seconds(compiled_step, 1, device) for _ in range(args.warmup + 1)]
+        compiled_seconds = _median_seconds(compiled_step, args.steps, device)
+        compile_seconds = sum(warmup_seconds) - len(warmup_seconds) * compiled_seconds
 
     net.eval()
     eval_batch = batches[0]
@@ -226,11 +247,16 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
         "flops_counted_by": "torch.utils.flop_counter (matmul, conv, attention; one training step)",
         "achieved_flops": achieved,
         "eager_attention_samples_per_s": batch_size / eager_seconds if eager_seconds else None,
+        "compiled_train_samples_per_s": batch_size / compiled_seconds if compiled_seconds else None,
+        "compile_speedup": train_seconds / compiled_seconds if compiled_seconds else None,
+        "compile_s": compile_seconds,
         "peak_memory_mb": peak_memory_mb(device),
     }
 
 
-def _child(model_name: str, scale: str, args: argparse.Namespace, queue) -> None:
+def _child(model_name: str, scale: str, args: argparse.Namespace, queue, start_method: str | None = None) -> None:
+    if start_method:  # loader workers start as the runner's would (a spawned child's default is spawn: re-imports)
+        multiprocessing.set_start_method(start_method, force=True)
     try:
         queue.put(bench_one(model_name, scale, args))
     except BaseException as e:  # reported as a failed row, the other models still run
@@ -241,7 +267,7 @@ def run_isolated(model_name: str, scale: str, args: argparse.Namespace) -> dict:
     """``bench_one`` in a fresh process: its peak memory is this model's alone."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(model_name, scale, args, queue))
+    process = context.Process(target=_child, args=(model_name, scale, args, queue, multiprocessing.get_start_method()))
     process.start()
     row = queue.get()
     process.join()
@@ -249,9 +275,11 @@ def run_isolated(model_name: str, scale: str, args: argparse.Namespace) -> dict:
 
 
 def format_table(rows: list[dict], matmul_flops: float, peak: float | None) -> str:
+    compiled = any(r.get("compiled_train_samples_per_s") for r in rows)
     header = (
-        f"{'model':<10}{'scale':<6}{'train/s':>9}{'eval/s':>9}{'loader/s':>10}{'GFLOP/sample':>13}"
+        f"{'model':<10}{'scale':<6}{'train/s':>9}{'eval/s':>9}{'loader/s':>10}{'load×':>7}{'GFLOP/sample':>13}"
         f"{'GFLOP/s':>9}{'util':>7}{'eager/s':>9}{'SDPA×':>7}{'MB':>8}{'params':>12}"
+        + (f"{'compiled/s':>11}{'comp×':>7}{'compile s':>10}" if compiled else "")
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -261,12 +289,24 @@ def format_table(rows: list[dict], matmul_flops: float, peak: float | None) -> s
         eager = r["eager_attention_samples_per_s"]
         lines.append(
             f"{r['model']:<10}{r['scale']:<6}{r['train_samples_per_s']:>9.1f}{r['eval_samples_per_s']:>9.1f}"
-            f"{r['loader_samples_per_s']:>10.0f}{r['flops_per_sample'] / 1e9:>13.3f}{r['achieved_flops'] / 1e9:>9.1f}"
+            f"{r['loader_samples_per_s']:>10.0f}{r['loader_samples_per_s'] / r['train_samples_per_s']:>7.1f}"
+            f"{r['flops_per_sample'] / 1e9:>13.3f}{r['achieved_flops'] / 1e9:>9.1f}"
             f"{r['utilisation']:>7.0%}{eager or float('nan'):>9.1f}"
             f"{(r['train_samples_per_s'] / eager) if eager else float('nan'):>7.2f}"
             f"{r['peak_memory_mb']:>8.0f}{r['params']:>12,}"
+            + (
+                f"{r.get('compiled_train_samples_per_s') or float('nan'):>11.1f}"
+                f"{r.get('compile_speedup') or float('nan'):>7.2f}{r.get('compile_s') or float('nan'):>10.1f}"
+                if compiled
+                else ""
+            )
         )
-    lines.append("loader/s: steady state (second pass, decoded images cached); the first pass is in the JSON")
+    lines.append(
+        "loader/s: steady state (second pass, decoded images cached; the first pass is in the JSON); load× = loader/s "
+        "÷ train/s"
+    )
+    if compiled:
+        lines.append("compiled/s: trainer.compile=true's training step; compile s: compilation, apart from the steps")
     lines.append(
         f"util = achieved FLOP/s ÷ this machine's matmul rate ({matmul_flops / 1e9:.1f} GFLOP/s measured now)"
         + (f"; MFU against the nominal {peak / 1e12:.0f} TFLOP/s" if peak else "")
@@ -335,6 +375,7 @@ def add_parser(sub) -> None:
     m.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     m.add_argument("--warmup", type=int, default=2)
     m.add_argument("--eager-steps", type=int, default=3, help="timed steps with eager attention (0: skip)")
+    m.add_argument("--compile", action="store_true", help="also time the training step compiled (trainer.compile=true)")
     m.add_argument("--loader-batches", type=int, default=20, help="batches timed through the data loader alone")
     m.add_argument("--gemm-size", type=int, default=2048, help="side of the square matmul that measures the machine")
     m.add_argument("--no-lxmert-reference", dest="lxmert_reference", action="store_false")

@@ -8,14 +8,24 @@ How the runner uses it:
 - ``trainer.batch_size`` is the global batch; each process loads its contiguous 1/N of every global batch, and the
   models make cross-example objectives, random draws and loss normalisers the global batch's
   (``models/global_batch.py``): N processes train as one process on the global batch.
-- Rank 0 alone writes the run directory and evaluates; the others wait at a barrier (hence the long timeout).
+- Evaluation is sharded: each process predicts a contiguous shard of the split and rank 0 gathers the predictions
+  (``gather_objects``, in the split's order, each example once) and scores them; rank 0 alone writes the run
+  directory. Tasks whose prediction needs the whole split (retrieval, pre-training, NLVR2 text assignment) and FSDP
+  runs evaluate on rank 0 alone while the others wait at a barrier (hence the long timeout).
+- ``trainer.fsdp=true`` shards parameters, gradients and optimizer state over the processes with PyTorch's FSDP2
+  (``fully_shard``: one unit per transformer block, the rest in the root) instead of replicating them (DDP); the
+  same gradients (each process's average over the global batch), so the same training. Rank 0 then keeps an
+  unsharded replica, refreshed from the shards (``copy_gathered_state``), that it evaluates and saves: checkpoints are
+  full state dicts, as without FSDP (resume and ``init_from`` read them either way).
 
 Without WORLD_SIZE > 1 everything here is the single-process case and does nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,11 +34,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from vlbench.errors import VlbenchError
 
-# rank 0 evaluates alone while the others wait in a barrier: a base-scale retrieval evaluation takes a while
+# rank 0 may evaluate alone while the others wait in a barrier: a base-scale retrieval evaluation takes a while
 TIMEOUT = timedelta(hours=3)
 
 
@@ -85,6 +96,14 @@ class Processes:
         dist.broadcast(tensor, src=0)
         return float(tensor.item())
 
+    def gather_objects(self, obj: object) -> list | None:
+        """Every process's ``obj`` (picklable), in rank order, on rank 0; None on the others (one collective)."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
     @contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block first (it may write shared files: the synthetic world, extracted region features),
@@ -100,14 +119,7 @@ class Processes:
         step: they change identically on every process (momentum encoders and queues are updated from gathered
         features), which ``check_replicas_agree`` verifies at every checkpoint. BatchNorm (Pixel-BERT's CNN) becomes
         SyncBatchNorm, whose statistics are the global batch's as in one process; it exists on GPUs only."""
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
-            if device.type != "cuda":
-                raise VlbenchError(
-                    "this model has BatchNorm layers: training it in several processes needs CUDA (SyncBatchNorm)"
-                )
-            from timm.layers import convert_sync_batchnorm
-
-            net = convert_sync_batchnorm(net)  # in place below the root: the same parameters, the same state keys
+        net = _sync_batchnorm(net, device)
         return DistributedDataParallel(
             net,
             device_ids=[device.index] if device.type == "cuda" else None,
@@ -115,16 +127,33 @@ class Processes:
             find_unused_parameters=find_unused_parameters,
         )
 
+    def shard(self, net: nn.Module, device: torch.device, blocks: list[nn.Module]) -> nn.Module:
+        """FSDP2, in place: each of ``blocks`` (the transformer blocks) a unit, the rest of ``net`` the root unit.
+        Parameters become this process's shards (DTensors; the names stay), gathered for each unit's forward and
+        backward, gradients reduce-scattered (averaged, as DDP). An optimizer must be built over them afterwards."""
+        from torch.distributed.fsdp import fully_shard
+
+        net = _sync_batchnorm(net, device)
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(net)
+        return net
+
     def check_replicas_agree(self, net: nn.Module) -> None:
-        """Every parameter and buffer equal on every process (a per-tensor fingerprint, compared exactly)."""
+        """Every parameter and buffer equal on every process (a per-tensor fingerprint, compared exactly); under FSDP
+        each process holds its own part of each parameter (nothing to compare), and the buffers are compared."""
         if not self.distributed:
             return
         names, prints = [], []
         for name, tensor in net.state_dict().items():
+            if isinstance(tensor, DTensor):
+                continue
             if tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32, torch.bool):
                 values = torch.nan_to_num(tensor.detach().double())
                 names.append(name)
                 prints.append(torch.stack([values.sum(), (values * values).sum()]).cpu())
+        if not prints:  # sharded parameters only
+            return
         fingerprint = torch.stack(prints)
         low, high = fingerprint.clone(), fingerprint.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
@@ -133,6 +162,19 @@ class Processes:
         if differ:
             shown = ", ".join(names[i] for i in differ[:5])
             raise VlbenchError(f"the {self.world_size} processes' models diverged ({len(differ)} tensors: {shown})")
+
+
+def _sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm (Pixel-BERT's CNN) as SyncBatchNorm: per-process statistics would not be the global batch's."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        if device.type != "cuda":
+            raise VlbenchError(
+                "this model has BatchNorm layers: training it in several processes needs CUDA (SyncBatchNorm)"
+            )
+        from timm.layers import convert_sync_batchnorm
+
+        net = convert_sync_batchnorm(net)  # in place below the root: the same parameters, the same state keys
+    return net
 
 
 def init_from_env() -> Processes:
@@ -165,3 +207,76 @@ def unused_parameters(net: nn.Module, training_loss: Callable[[], torch.Tensor])
     net.zero_grad(set_to_none=True)
     net.load_state_dict(saved)
     return unused
+
+
+def parameters_updated_in_forward(net: nn.Module, training_forward: Callable[[], object]) -> list[str]:
+    """Parameters that one training forward changes in place (momentum encoders' moving averages, clamped
+    temperatures: their version counters move). Under FSDP a forward sees gathered copies of the parameters, so such
+    updates would be lost without an error. Weights, buffers and RNG are left as they were."""
+    saved = {name: value.detach().clone() for name, value in net.state_dict().items()}
+    versions = {name: p._version for name, p in net.named_parameters()}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        training_forward()
+    updated = [name for name, p in net.named_parameters() if p._version != versions[name]]
+    net.load_state_dict(saved)
+    return updated
+
+
+def unsharded_replica(net: nn.Module) -> nn.Module:
+    """A copy of ``net``'s modules, parameters and buffers taken before sharding, for rank 0 to evaluate and save
+    under FSDP; everything else a module refers to (configs, the task, the model context and its generator) is
+    shared, not copied."""
+    shared = {}
+    for module in net.modules():
+        for name, value in vars(module).items():
+            plain = not isinstance(value, (nn.Module, torch.Tensor, dict, types.MethodType))
+            if plain and not name.startswith("_"):
+                shared[id(value)] = value
+    return copy.deepcopy(net, memo=shared)
+
+
+def copy_gathered_state(net: nn.Module, replica: nn.Module | None) -> None:
+    """Gather each FSDP shard of ``net``'s state into its full tensor, one tensor at a time (a collective: every
+    process calls it), and copy it into ``replica`` (rank 0's; the other processes pass None and drop it)."""
+    target = replica.state_dict() if replica is not None else {}
+    with torch.no_grad():
+        for name, value in net.state_dict().items():
+            full = _full(value)
+            if replica is not None:
+                target[name].copy_(full)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's ``state_dict`` with sharded state (Adam's moments under FSDP) gathered into full tensors on
+    the CPU (a collective): the same format as without FSDP, so a resume reads it either way."""
+    state = optimizer.state_dict()
+    return {
+        **state,
+        "state": {
+            index: {k: _full(v).cpu() if torch.is_tensor(v) else v for k, v in values.items()}
+            for index, values in state["state"].items()
+        },
+    }
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def sharded_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A full optimizer ``state_dict`` (as saved) made into this process's shards for ``optimizer``, whose parameters
+    are sharded: each tensor the shape of its parameter is distributed as the parameter is."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def shard(value: object, param: torch.Tensor) -> object:
+        if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape:
+            return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+        return value
+
+    return {
+        **state,
+        "state": {
+            index: {k: shard(v, params[index]) for k, v in values.items()} for index, values in state["state"].items()
+        },
+    }

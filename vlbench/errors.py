@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+from typing import NoReturn
 
 # A DataLoader worker's exception comes back re-raised as ``type(e)("Caught VlbenchError in DataLoader worker process
 # N.\nOriginal Traceback ...\nvlbench.errors.VlbenchError: <message>\n")`` (torch.utils.data's ExceptionWrapper).
@@ -21,3 +23,9 @@ class VlbenchError(Exception):
             if found:
                 message = found[-1]
         super().__init__(message, *args)
+
+
+def exit_with_error(message: object) -> NoReturn:
+    """How the ``vlbench`` command stops on bad input or configuration: the one line on stderr, exit status 2."""
+    print(f"vlbench: error: {message}", file=sys.stderr)
+    sys.exit(2)

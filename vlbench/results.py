@@ -33,6 +33,10 @@ NON_SEMANTIC_KEYS = (
     "trainer.progress",
     "trainer.stop_at_step",
     "trainer.max_bad_steps",
+    "trainer.activation_checkpointing",  # memory savers: the same numbers (a run may resume with or without them)
+    "trainer.fsdp",
+    "trainer.compile",  # speed only: the same numbers up to float rounding (compiled or not, channels-last or not)
+    "model.channels_last",
     "logger",
 )
 

@@ -5,10 +5,13 @@ every ``trainer.eval_every`` steps, best checkpoint by the task's main metric), 
 chosen checkpoint on the test split, the predictions in the task's official format, and result.json written last.
 
 Under ``torchrun --nproc_per_node=N`` (``vlbench/distributed.py``) every process runs this loop on its 1/N of each
-global batch (``trainer.batch_size`` is the global batch) with DistributedDataParallel; evaluation runs on rank 0
-alone over the whole split (every example counted once; the other processes wait), and only rank 0 writes the run
-directory. Each step's random draws are functions of (seed, step) — per-example draws the same on every process,
-the rest (dropout) per process — so exact resume needs no saved RNG and N processes draw what one process draws.
+global batch (``trainer.batch_size`` is the global batch) with DistributedDataParallel, or with FSDP2 shards
+(``trainer.fsdp``; rank 0 then evaluates and saves an unsharded replica). Evaluation is sharded: each process predicts
+a contiguous shard of the split, rank 0 gathers the predictions in the split's order (every example counted once) and
+scores them; tasks that predict from the whole split at once (retrieval, pre-training, NLVR2 text assignment) and FSDP
+runs evaluate on rank 0 alone while the other processes wait. Only rank 0 writes the run directory.
+Each step's random draws are functions of (seed, step) — per-example draws the same on every process, the rest
+(dropout) per process — so exact resume needs no saved RNG and N processes draw what one process draws.
 
 Guards: a step whose loss or gradient norm is not finite makes no update (the step, its data and the lr schedule
 still advance; counted in result.json as ``skipped_steps``); ``trainer.max_bad_steps`` such steps in a row stop the
@@ -38,11 +41,20 @@ from tqdm.auto import tqdm
 
 from vlbench.data.sources import resolve_data_root
 from vlbench.data.text import load_tokenizer
-from vlbench.distributed import init_from_env, unused_parameters
+from vlbench.distributed import (
+    copy_gathered_state,
+    full_optimizer_state,
+    init_from_env,
+    parameters_updated_in_forward,
+    sharded_optimizer_state,
+    unsharded_replica,
+    unused_parameters,
+)
 from vlbench.errors import VlbenchError
 from vlbench.init_from import describe_report, load_init_weights, load_matching_head, resolve_init_source
 from vlbench.loggers import NullLogger, build_logger, drop_entries_after
 from vlbench.models.base import ModelContext, VisionLanguageModel
+from vlbench.models.layers import checkpoint_transformer_blocks, transformer_blocks
 from vlbench.registry import MODELS, TASKS
 from vlbench.results import (
     RunRecord,
@@ -81,8 +93,10 @@ class TaskModel(nn.Module):
         self.task = task  # not a module: holds no parameters
         self.step = 0
 
-    def forward(self, batch: dict[str, torch.Tensor]):
-        return self.task.forward(self.model, self.head, batch, self.step)
+    def forward(self, batch: dict[str, torch.Tensor], step: int | None = None):
+        """``step`` (default ``self.step``) is passed by the training loop: a compiled forward (``trainer.compile``)
+        takes an argument as a dynamic input, where it would recompile for every new value of an int attribute."""
+        return self.task.forward(self.model, self.head, batch, self.step if step is None else step)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -175,6 +189,13 @@ def autocast_context(device: torch.device, precision: str):
     return nullcontext()
 
 
+def compile_forward(module: nn.Module) -> nn.Module:
+    """``trainer.compile``: torch.compile in its default mode, sharing ``module``'s parameters (save ``module``: its
+    state-dict keys have no ``_orig_mod.`` prefix). ``fallback_random``: dropout draws eager's random numbers, so
+    compiling changes the speed of a run, not its losses."""
+    return torch.compile(module, options={"fallback_random": True})
+
+
 def build_optimizer(net: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer | None:
     """AdamW; no weight decay for biases, norms, position/[CLS] embeddings and the temperature (BERT/ALBEF custom)."""
     decay, no_decay, head_decay, head_no_decay = [], [], [], []
@@ -251,6 +272,31 @@ def count_flops_per_sample(net: TaskModel, batch: dict[str, torch.Tensor]) -> in
         return None
     finally:
         net.train(was_training)
+
+
+def require_no_updates_in_forward(net: nn.Module, training_forward, model_name: str) -> None:
+    """FSDP runs each forward on gathered copies of the parameters: a model that changes parameters in its forward
+    (ALBEF's momentum encoders, a clamped temperature) would lose those changes, so it is refused, not trained wrong."""
+    updated = parameters_updated_in_forward(net, training_forward)
+    if updated:
+        shown = ", ".join(updated[:3]) + (f" and {len(updated) - 3} more" if len(updated) > 3 else "")
+        raise VlbenchError(
+            f"trainer.fsdp=true: model={model_name} changes parameters inside its forward ({shown}: momentum "
+            "encoders or clamped temperatures), which FSDP's gathered copies would lose; train it with "
+            "trainer.fsdp=false (DDP)"
+        )
+
+
+def optimizer_over_shards(
+    net: nn.Module, cfg: DictConfig, state: dict, scheduler_state: dict
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and the schedule again over FSDP's sharded parameters (the same groups, in the same order), in the state
+    ``state`` (a full optimizer state dict: a resumed run's) and ``scheduler_state`` describe."""
+    optimizer = build_optimizer(net, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))  # sets step 0's lr,
+    optimizer.load_state_dict(sharded_optimizer_state(state, optimizer))  # which the saved param groups' lr replaces
+    scheduler.load_state_dict(scheduler_state)
+    return optimizer, scheduler
 
 
 def gradient_norm(net: nn.Module, clip: float) -> float:
@@ -429,6 +475,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if main:
             tqdm.write(describe_report(init_report))
     net = TaskModel(model, head, task).to(device)
+    if tcfg.activation_checkpointing:  # after the head: a native head's blocks (ALBEF's decoder) are checkpointed too
+        checkpoint_transformer_blocks(net)
     ectx = eval_context(cfg, device)
 
     if main:
@@ -465,6 +513,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "versions": package_versions(),
         "device": device_description(device),
         "num_devices": procs.world_size,
+        "data_parallel": ("fsdp" if tcfg.fsdp else "ddp") if procs.distributed else None,
+        "activation_checkpointing": tcfg.activation_checkpointing,
         "data_root": str(data_root),
         "data_fingerprint": file_fingerprint(data_files),
         "task": task.describe(),
@@ -477,6 +527,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "batch_size": tcfg.batch_size * tcfg.grad_accum_steps,  # global: over processes and accumulated micro-batches
         "per_device_batch_size": local_batch_size,
         "precision": tcfg.precision,
+        "compile": tcfg.compile,
         "init_from": init_report,
     }
 
@@ -487,7 +538,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "best_step": best_step,
             "init_from": init_report,  # the weights this run started from, kept across resumes
             "rng": rng_state(),
-            "optimizer": optimizer.state_dict() if optimizer else {},
+            "optimizer": host_optimizer_state if sharded else optimizer.state_dict() if optimizer else {},
             "scheduler": scheduler.state_dict() if scheduler else {},
             "skipped_steps": skipped_steps,
             "bad_in_a_row": bad_in_a_row,
@@ -495,34 +546,56 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         }
 
     last_saved_step = step if resume_state is not None else None
+    # what rank 0 evaluates and saves: `net`, or under FSDP an unsharded replica refreshed from the shards
+    sharded = procs.distributed and tcfg.fsdp
+    host, host_optimizer_state = net, None
+    # every process predicts its shard of an evaluated split, rank 0 gathers and scores; otherwise (FSDP: rank 0 alone
+    # holds an unsharded replica; a task that needs the whole split) rank 0 evaluates alone and the others wait
+    shard_eval = procs.distributed and task.shardable_evaluation and not sharded
+    if shard_eval:
+        ectx.rank, ectx.world_size, ectx.gather = procs.rank, procs.world_size, procs.gather_objects
+
+    def refresh_host() -> None:
+        """Under FSDP, called by every process: rank 0's replica and the optimizer state gathered from the shards."""
+        nonlocal host_optimizer_state
+        if sharded:
+            copy_gathered_state(net, host)  # None on the other processes
+            gathered = full_optimizer_state(optimizer)
+            host_optimizer_state = gathered if main else None
 
     def save_last() -> None:
         """Called by every process: the replicas are checked equal, then rank 0 writes."""
         nonlocal last_saved_step
         procs.check_replicas_agree(net)
+        refresh_host()
         if main:
-            record.save_resumable_checkpoint("last", net, trainer_state())
+            record.save_resumable_checkpoint("last", host, trainer_state())
         last_saved_step = step
 
     def evaluate(split: str) -> tuple[list[dict], EvalResult | None]:
-        predictions = predict_split(net, task, split, ectx)
-        return predictions, task.evaluate(split, predictions)
+        """Rank 0's predictions and scores; under ``shard_eval`` the other processes (which predict their shards with
+        the eager ``net``, ``host`` without FSDP) get ([], None)."""
+        predictions = predict_split(host, task, split, ectx)
+        return predictions, task.evaluate(split, predictions) if main else None
 
     def validate() -> tuple[list[dict], EvalResult | None]:
         nonlocal best_value, best_step
         predictions, result = evaluate(eval_split)
-        if result is None:
-            return predictions, result
-        logger.log({f"{eval_split}/{k}": v for k, v in result.metrics.items()}, step)
-        tqdm.write(f"step {step}: {eval_split} {result.main_metric} = {result.main_value:.2f}")
-        if best_step is None or result.better_than(best_value):
-            best_value, best_step = result.main_value, step
-            record.save_checkpoint("best", net)
+        if main and result is not None:
+            logger.log({f"{eval_split}/{k}": v for k, v in result.metrics.items()}, step)
+            tqdm.write(f"step {step}: {eval_split} {result.main_metric} = {result.main_value:.2f}")
+            if best_step is None or result.better_than(best_value):
+                best_value, best_step = result.main_value, step
+                record.save_checkpoint("best", host)
+        if shard_eval:  # every process follows rank 0's best checkpoint (the final evaluation reloads it everywhere)
+            chosen = procs.broadcast(-1.0 if best_step is None else float(best_step))
+            best_step = None if chosen < 0 else int(chosen)
         return predictions, result
 
     def validate_while_training() -> None:
         nonlocal validation_due
-        if main:  # the whole split on rank 0 (each example once); the others wait
+        refresh_host()
+        if main or shard_eval:  # every process its shard; or the whole split on rank 0 while the others wait
             validate()
         procs.barrier()
         validation_due = False
@@ -532,30 +605,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     epoch, position = divmod(micro_index, micro_batches_per_epoch)
 
     def batches():
-        """This process's part of each global micro-batch, in the order of one process (EpochShuffleSampler)."""
+        """This process's part of each global micro-batch, in the order of one process (EpochShuffleSampler). One
+        loader for the whole run: its workers, and the images they have decoded and cached, outlive an epoch."""
         nonlocal epoch, position
+        sampler = EpochShuffleSampler(
+            len(train_set), cfg.seed, batch_size=tcfg.batch_size, rank=procs.rank, world_size=procs.world_size
+        )
+        loader = DataLoader(
+            train_set,
+            batch_size=local_batch_size,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=train_set.collate,
+            num_workers=tcfg.num_workers,
+            persistent_workers=tcfg.num_workers > 0,
+            pin_memory=device.type == "cuda",
+            # its own generator: creating an iterator must not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
+        )
         while True:
-            sampler = EpochShuffleSampler(
-                len(train_set),
-                cfg.seed,
-                epoch,
-                position * tcfg.batch_size,
-                tcfg.batch_size,
-                procs.rank,
-                procs.world_size,
-            )
-            loader = DataLoader(
-                train_set,
-                batch_size=local_batch_size,
-                sampler=sampler,
-                drop_last=True,
-                collate_fn=train_set.collate,
-                num_workers=tcfg.num_workers,
-                persistent_workers=False,
-                pin_memory=device.type == "cuda",
-                # its own generator: creating an iterator must not draw from the global RNG (exact resume)
-                generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
-            )
+            sampler.epoch, sampler.start = epoch, position * tcfg.batch_size  # read as each pass over the loader starts
             for batch in loader:
                 position += 1
                 yield batch
@@ -568,10 +637,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     probe = to_device(first, device)
     flops_per_sample = count_flops_per_sample(net, probe) or 0
     train_net = net
-    if procs.distributed:  # DDP searches for unused parameters every step only when one step leaves some unused
+    if sharded:  # FSDP: rank 0 keeps an unsharded replica; the optimizer moves onto the shards (with a resumed state)
+        sample_generator.manual_seed(step_seed(cfg.seed, step))
+        require_no_updates_in_forward(net, lambda: net(probe), cfg.model.name)
+        loaded = full_optimizer_state(optimizer)  # a resumed run's state, moved onto the shards below
+        host, host_optimizer_state = (unsharded_replica(net), loaded) if main else (None, None)
+        procs.shard(net, device, transformer_blocks(net))
+        optimizer, scheduler = optimizer_over_shards(net, tcfg, loaded, scheduler.state_dict())
+    elif procs.distributed:  # DDP searches for unused parameters every step only when one step leaves some unused
         sample_generator.manual_seed(step_seed(cfg.seed, step))
         unused = unused_parameters(net, lambda: task.loss(net(probe), probe))
         train_net = procs.wrap(net, device, find_unused_parameters=procs.any(bool(unused)))
+    if tcfg.compile:  # checkpoints and evaluation use the eager `net`
+        train_net = compile_forward(train_net)
     if validation_due:
         validate_while_training()
     stop_at = tcfg.stop_at_step if 0 < tcfg.stop_at_step < tcfg.max_steps else tcfg.max_steps
@@ -594,10 +672,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             for micro in range(tcfg.grad_accum_steps):
                 batch = to_device(next(stream), device)
                 # DDP averages gradients over processes once per step, on the last micro-batch's backward
-                accumulate = procs.distributed and micro < tcfg.grad_accum_steps - 1
+                accumulate = procs.distributed and not sharded and micro < tcfg.grad_accum_steps - 1
                 with train_net.no_sync() if accumulate else nullcontext():
                     with autocast_context(device, tcfg.precision):
-                        outputs = train_net(batch)
+                        outputs = train_net(batch, step)
                         loss = task.loss(outputs, batch) / tcfg.grad_accum_steps
                     if loss.requires_grad:
                         loss.backward()
@@ -669,19 +747,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if main:
             tqdm.write(f"stopped at step {step}/{tcfg.max_steps}; continue with resume={record.dir}")
         return {"stopped_at_step": step, "run_dir": str(record.dir)}
-    if not main:  # rank 0 evaluates and writes the record alone
+    if not main and not shard_eval:  # rank 0 evaluates and writes the record alone
         return {"rank": procs.rank, "run_dir": str(record.dir), "steps": step}
 
-    # ----- final evaluation ---------------------------------------------------------------------------------------
+    # ----- final evaluation (under shard_eval every process predicts its shards; rank 0 alone scores and writes) -----
     val_predictions, val_result = validate()
-    record.save_resumable_checkpoint("last", net, trainer_state())
+    if main:
+        record.save_resumable_checkpoint("last", host, trainer_state())
     checkpoint = "last"
     if tcfg.test_checkpoint == "best" and best_step is not None:
         checkpoint = f"best (step {best_step}, {eval_split} {task.cfg.main_metric} {best_value:.2f})"
         if best_step != step:  # otherwise the last weights are the best ones, already evaluated
-            record.load_weights("best", net)
+            record.load_weights("best", host)
             val_predictions, val_result = evaluate(eval_split)
     test_predictions, test_result = evaluate(test_split)  # before any prediction file: a failure leaves none
+    if not main:
+        return {"rank": procs.rank, "run_dir": str(record.dir), "steps": step}
     task.write_predictions(val_predictions, record.dir / f"predictions_{eval_split}")
     predictions_path = task.write_predictions(test_predictions, record.dir / f"predictions_{test_split}")
     for split, split_result in ((eval_split, val_result), (test_split, test_result)):

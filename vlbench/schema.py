@@ -1,17 +1,23 @@
 """Structured-config schemas: every yaml node under conf/ is validated against one of these at composition time.
 
-Why: a misspelled key or a wrong type must fail when the run starts, with Hydra's own message, never deep inside
-training. Each config group's yaml names its schema in its defaults list (``- /schema/model/albef``).
+Why: a misspelled key or a wrong type must fail when the run starts, never deep inside training. Each config group's
+yaml names its schema in its defaults list (``- /schema/model/albef``), so Hydra rejects such keys while composing
+(``vlbench.cli`` turns its message into one line). A key added with ``+`` gets past Hydra, which opens the schema for
+it; ``check_known_keys`` (run by the ``RejectUnknownKeys`` callback, before any run directory exists) rejects those.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from hydra.experimental.callback import Callback
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from vlbench.errors import VlbenchError, exit_with_error
 from vlbench.models.base import TextSizes  # the sizes every BERT-style text stack shares
 
 
@@ -42,7 +48,11 @@ class TrainerConfig:
     clip_grad_norm: float = 1.0
     max_bad_steps: int = 5  # steps in a row with a non-finite loss or gradient norm (each skipped) before the run stops
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the training forward (default mode); evaluation and checkpoints stay eager
     device: str = "auto"  # auto | cpu | cuda
+    # memory for base scale on small GPUs (docs/RELIABILITY.md); neither changes the numbers
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     eval_every: int = 0  # 0: at the end only
     log_every: int = 20
     checkpoint_every: int = 0  # 0: only at evaluations and at the end
@@ -240,6 +250,7 @@ class PixelBertModelConfig(ModelConfig):
     cnn_kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model overrides (e.g. layers, channels)
     cnn_out_index: int = 4  # timm features_only index: 4 = last ResNet stage (stride 32), 3 = stride 16
     cnn_init: str | None = None  # local timm state dict for the CNN (never downloaded)
+    channels_last: bool = True  # CNN weights and input in NHWC memory order: faster convolutions, same numbers
     pixel_position: str = "none"  # none (the paper describes no pixel position signal) | learned_2d (row + column)
     pixel_sample: int | None = 100  # pixels kept per image and step in pre-training (paper: 100); null: all
     pixel_sample_in_finetune: bool = False  # the paper samples in pre-training only
@@ -343,3 +354,70 @@ def register_schemas() -> None:
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+# Hydra's own node: Hydra validates it. Every other node whose type is one of the dataclasses above is closed; a dict
+# field (``data.datasets``, ``model.cnn_kwargs``, ``task.loss_weights``) takes any key.
+FREE_FORM_TOP_LEVEL_KEYS = frozenset({"hydra"})
+
+
+def unknown_key_message(full_key: str, known: list[str]) -> str:
+    """The one line for a key no schema declares, listing the keys that node has (to spot the typo)."""
+    parent = full_key.rpartition(".")[0]
+    where = f"of {parent}" if parent else "at the top level"
+    return f"unknown config key '{full_key}' (known keys {where}: {', '.join(sorted(known))})"
+
+
+def _schema_nodes(node: DictConfig, path: str) -> Iterator[tuple[str, DictConfig]]:
+    """Every dict node under ``node`` (itself included) with its dotted path; interpolations and missing values are
+    skipped (they hold no keys of their own)."""
+    yield path, node
+    for key in node:
+        if not path and key in FREE_FORM_TOP_LEVEL_KEYS:
+            continue
+        if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue
+        child = node[key]
+        if isinstance(child, DictConfig):
+            yield from _schema_nodes(child, f"{path}.{key}" if path else str(key))
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Raise a VlbenchError for the first key that the schema of its node does not declare.
+
+    Why: Hydra lets ``+trainer.max_stepz=5`` add a key to a schema node (``+`` opens the struct), and the run would then
+    silently ignore it; a typo must fail at start like ``trainer.max_stepz=5`` does."""
+    for path, node in _schema_nodes(cfg, ""):
+        schema = OmegaConf.get_type(node)
+        if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+            continue  # a dict node: free keys
+        known = [f.name for f in dataclasses.fields(schema)]
+        allowed = set(known) | (FREE_FORM_TOP_LEVEL_KEYS if not path else set())
+        for key in node:
+            if key not in allowed:
+                raise VlbenchError(unknown_key_message(f"{path}.{key}" if path else str(key), known))
+
+
+class RejectUnknownKeys(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): ``check_known_keys`` on the composed config before
+    Hydra creates the run directory; for a sweep on the common config before any job starts, and on each job's
+    config as it starts (a key added by a swept ``+key=a,b`` exists only there).
+
+    Hydra turns an exception raised in a callback into a warning, so an unknown key ends the process here, as the
+    command ends on any VlbenchError: one line on stderr, exit status 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        try:
+            check_known_keys(config)
+        except VlbenchError as error:
+            exit_with_error(error)

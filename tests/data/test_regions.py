@@ -400,3 +400,13 @@ def test_cli_help_names_the_extraction_defaults(capsys):
     for default in (f"default {d.boxes}", f"default {d.backbone}", f"default {d.image_size}",
                     f"default {d.batch_size}", f"default {d.roi_size}", f"default {d.seed}"):  # fmt: skip
         assert default in text
+    assert d.channels_last and "--no-channels-last" in text and "(default true)" in text
+
+
+def test_channels_last_extraction_equals_contiguous_and_is_recorded(tmp_path, image_dir):
+    fast = extract_features(image_dir, tmp_path / "fast", replace(TINY, boxes="grid:2"), progress=False)
+    plain_cfg = replace(TINY, boxes="grid:2", channels_last=False)
+    plain = extract_features(image_dir, tmp_path / "plain", plain_cfg, progress=False)
+    assert fast.meta["settings"]["channels_last"] and not plain.meta["settings"]["channels_last"]
+    for key in plain:
+        np.testing.assert_allclose(fast[key].features, plain[key].features, atol=1e-5, rtol=1e-3)

@@ -234,3 +234,22 @@ def test_bad_configuration_fails_clearly():
         tiny_pixelbert(pixel_sample=0)
     with pytest.raises(VlbenchError, match="model.cnn=no_such_net"):
         tiny_pixelbert(cnn="no_such_net")
+
+
+def test_channels_last_cnn_computes_what_the_contiguous_one_does():
+    fast, plain = tiny_pixelbert(channels_last=True), tiny_pixelbert(channels_last=False)
+    convs = [m for m in fast.pixel_embeddings.cnn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert all(m.weight.is_contiguous() for m in plain.pixel_embeddings.cnn.modules() if isinstance(m, torch.nn.Conv2d))
+    batch = make_batch()
+    for mode in ("train", "eval"):  # BatchNorm: batch statistics, then running ones
+        fast.train(mode == "train"), plain.train(mode == "train")
+        a, b = fast.encode(batch), plain.encode(batch)
+        torch.testing.assert_close(a.tokens, b.tokens, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.pooled, b.pooled, atol=1e-5, rtol=1e-5)
+    fast.train(), plain.train()
+    grads = [assert_all_grads(m, m.encode(batch).pooled.square().sum(), PRETRAIN_HEADS) for m in (fast, plain)]
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    fast.load_state_dict(plain.state_dict())  # contiguous weights copied in keep the channels-last order
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)

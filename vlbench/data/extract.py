@@ -13,7 +13,9 @@ world, a new dataset). So boxes come from elsewhere and only pooling is ours:
 Choices the BUTD recipe leaves to us: images are resized to a square ``image_size`` (aspect not kept, so boxes scale
 per axis and every batch is one tensor); RoIAlign (aligned, sampling ratio 2) on the last stage (stride 32) with a
 ``roi_size``² grid, averaged to one D-dim vector (D = 2048 for ResNet-50, as BUTD's). Weights are random unless
-``pretrained`` names a local checkpoint (or ``timm`` to download timm's): nothing is fetched by default.
+``pretrained`` names a local checkpoint (or ``timm`` to download timm's): nothing is fetched by default. The CNN and
+its input are in channels-last (NHWC) memory order by default, where convolutions run faster (ResNet-50, 448 px,
+batch 8, one CPU thread: 1.11×); the features equal the contiguous network's up to float rounding.
 
 Deterministic: seeded init, eval mode, fixed batches over the sorted image list (a resumed run recomputes a partly
 written batch whole, so its numbers match an uninterrupted run bit for bit on the same device).
@@ -55,6 +57,7 @@ class ExtractionConfig:
     pretrained: str | None = None  # None: random init; "timm": timm's hub weights; else a local checkpoint file
     seed: int = 0
     device: str = "cpu"
+    channels_last: bool = True  # NHWC memory order for the CNN: faster, the same numbers up to float rounding
 
 
 @dataclass
@@ -225,7 +228,13 @@ def build_backbone(cfg: ExtractionConfig) -> tuple[torch.nn.Module, int, int]:
             model = timm.create_model(cfg.backbone, **kwargs)
         except RuntimeError as e:
             raise VlbenchError(f"--backbone {cfg.backbone}: {e}") from None
-    return model.eval().to(cfg.device), model.feature_info.channels()[-1], model.feature_info.reduction()[-1]
+    model = model.eval().to(cfg.device, memory_format=_memory_format(cfg))
+    return model, model.feature_info.channels()[-1], model.feature_info.reduction()[-1]
+
+
+def _memory_format(cfg: ExtractionConfig) -> torch.memory_format:
+    """The CNN's and its input's memory order; ``pixels`` has no network to speed up and keeps its exact numbers."""
+    return torch.channels_last if cfg.channels_last and cfg.backbone != PIXELS else torch.contiguous_format
 
 
 def _settings(cfg: ExtractionConfig) -> dict:
@@ -299,7 +308,8 @@ def extract_features(
     bar = tqdm(total=len(todo), initial=len(writer), unit="img", disable=not progress, desc="extract")
     with writer, bar, torch.inference_mode():
         for batch in loader:
-            pixels = torch.stack([item[1] for item in batch]).to(cfg.device)  # (B, 3, S, S)
+            pixels = torch.stack([item[1] for item in batch])  # (B, 3, S, S)
+            pixels = pixels.to(cfg.device, memory_format=_memory_format(cfg))
             feature_map = model(pixels)[-1]  # (B, D, S/stride, S/stride)
             rois = torch.cat(
                 [

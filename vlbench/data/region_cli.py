@@ -2,6 +2,7 @@
 
 vlbench-data extract-features --images DIR --out STORE [--boxes gt:SCENEGRAPHS.json | grid:K | file:BOXES.json]
                               [--backbone resnet50] [--image-size 448] [--batch-size 8] [--pretrained [PATH]]
+                              [--no-channels-last]
 vlbench-data convert-tsv TSV [TSV ...] --out STORE
 vlbench-data bench-loader STORE [--samples 20000] [--make N] [--cold]
 
@@ -14,7 +15,16 @@ import argparse
 import random
 from pathlib import Path
 
-EXTRACTION_OPTIONS = ("backbone", "boxes", "image_size", "batch_size", "roi_size", "pretrained", "seed")
+EXTRACTION_OPTIONS = (
+    "backbone",
+    "boxes",
+    "image_size",
+    "batch_size",
+    "roi_size",
+    "pretrained",
+    "seed",
+    "channels_last",
+)
 
 
 def extract_features_command(args: argparse.Namespace) -> None:
@@ -87,6 +97,11 @@ def add_region_commands(sub: argparse._SubParsersAction) -> None:
         help="local checkpoint file; bare --pretrained downloads timm's weights (default: random init, no download)",
     )
     p.add_argument("--seed", type=int, help="random init seed (default 0)")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="the CNN in NHWC memory order: faster, the same features up to float rounding (default true)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda when available)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
     p.add_argument("--no-progress", action="store_true", default=False)
