@@ -20,7 +20,7 @@ from torch import nn
 
 from vlbench.errors import VlbenchError
 from vlbench.results import config_differences
-from vlbench.safe_load import key_listing, read_safetensors
+from vlbench.safe_load import key_problems, read_safetensors
 
 MODEL_PREFIX = "model."  # TaskModel's model sub-module
 HEAD_PREFIX = "head."  # TaskModel's task head
@@ -127,13 +127,7 @@ def load_init_weights(model: nn.Module, source: InitSource, model_cfg: DictConfi
     if adapt is not None:  # e.g. ViT position embeddings resampled to this run's image size
         theirs = adapt(theirs)
     missing, unexpected, wrong_shape = _compare(model, theirs)
-    problems = []
-    if missing:
-        problems.append(f"missing from the checkpoint: {key_listing(missing)}")
-    if unexpected:
-        problems.append(f"not in this model: {key_listing(unexpected)}")
-    if wrong_shape:
-        problems.append(f"shape differs (checkpoint vs model): {key_listing(wrong_shape)}")
+    problems = key_problems(missing, unexpected, wrong_shape)
     if problems:
         hint = _model_config_hint(source, model_cfg)
         raise VlbenchError(f"init_from={source.weights}: {'; '.join(problems)}{hint}")

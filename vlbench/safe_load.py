@@ -39,6 +39,18 @@ def key_listing(keys: list[str]) -> str:
     return shown + (f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
 
 
+def key_problems(missing: list[str], unexpected: list[str], wrong_shape: list[str] | None = None) -> list[str]:
+    """The parts of a key-mismatch message (resume and init_from word them alike), empty when the keys agree."""
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {key_listing(missing)}")
+    if unexpected:
+        problems.append(f"not in this model: {key_listing(unexpected)}")
+    if wrong_shape:
+        problems.append(f"shape differs (checkpoint vs model): {key_listing(wrong_shape)}")
+    return problems
+
+
 def safetensors_problem(path: Path) -> str | None:
     """Why ``path`` is not a complete safetensors file, judged from its header alone; None when it looks whole.
 
@@ -99,11 +111,7 @@ def load_safetensors_into(module: nn.Module, path: Path, source: str) -> None:
         raise _safetensors_error(Path(path), source, e) from e
     except RuntimeError as e:  # load_state_dict's "size mismatch for <key>: ..." (several lines)
         raise VlbenchError(f"{source}: tensors of another shape than this model's ({_first_line(e)})") from e
-    problems = []
-    if missing:
-        problems.append(f"missing from the checkpoint: {key_listing(sorted(missing))}")
-    if unexpected:
-        problems.append(f"not in this model: {key_listing(sorted(unexpected))}")
+    problems = key_problems(sorted(missing), sorted(unexpected))
     if problems:
         raise VlbenchError(f"{source}: not a checkpoint of this model ({'; '.join(problems)})")
 
