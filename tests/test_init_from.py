@@ -1,9 +1,11 @@
 """init_from: pre-train → fine-tune starts from exactly the pre-trained model tensors, or stops naming what differs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from tests.test_tasks_end_to_end import SMALL_FORMATS
@@ -23,8 +25,10 @@ def _model_tensors(path):
 
 
 def test_fine_tuning_starts_from_the_pretrained_model_tensors(make_cfg, tmp_path, pretrained_run):
-    # lr 0 (so weight decay is 0 too): the fine-tuned run's final model tensors are its initial ones
-    cfg = make_cfg("model=albef", "task=vqa", f"init_from={pretrained_run}", "trainer.lr=0", "trainer.max_steps=1")
+    # fine-tuning lr 0 (so weight decay is 0 too): the fine-tuned run's final model tensors are its initial ones
+    cfg = make_cfg(
+        "model=albef", "task=vqa", f"init_from={pretrained_run}", "trainer.finetune_lr=0", "trainer.max_steps=1"
+    )
     run_dir = tmp_path / "finetune"
     result = run(cfg, run_dir)
     source = _model_tensors(pretrained_run / "checkpoints" / "best.safetensors")
@@ -35,6 +39,23 @@ def test_fine_tuning_starts_from_the_pretrained_model_tensors(make_cfg, tmp_path
     report = json.loads((run_dir / "manifest.json").read_text())["init_from"]
     assert report["checkpoint"] == "best" and report["model_tensors_loaded"] == len(source)
     assert report["head"] == "initialised fresh" and len(report["sha256"]) == 16
+
+
+def _logged_lrs(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["train/lr"] for row in rows if "train/lr" in row]
+
+
+def test_a_run_from_trained_weights_uses_the_fine_tuning_lr(make_cfg, tmp_path, pretrained_run):
+    lrs = ("trainer.lr=1e-3", "trainer.finetune_lr=2e-4", "trainer.schedule=constant", "trainer.warmup_steps=0")
+    steps = ("trainer.max_steps=2", "trainer.log_every=1")
+    finetune = make_cfg("model=albef", "task=vqa", f"init_from={pretrained_run}", *lrs, *steps)
+    run(finetune, tmp_path / "finetune")
+    assert _logged_lrs(tmp_path / "finetune") == pytest.approx([2e-4, 2e-4])
+    saved = OmegaConf.load(tmp_path / "finetune" / "config.yaml").trainer  # the lr it used, as a resume compares it
+    assert saved.lr == pytest.approx(2e-4) and saved.finetune_lr is None
+    run(make_cfg("model=albef", "task=vqa", *lrs, *steps), tmp_path / "scratch")
+    assert _logged_lrs(tmp_path / "scratch") == pytest.approx([1e-3, 1e-3])
 
 
 def test_scratch_and_pretrained_starts_differ(make_cfg, tmp_path, pretrained_run):

@@ -190,7 +190,9 @@ def test_nlvr2_after_text_assignment_with_albef_native_heads(make_cfg, tmp_path)
     assert {p["label"] for p in predictions} <= {"first", "second", "neither"}
 
     nlvr_dir = tmp_path / "nlvr2"
-    cfg = make_cfg("model=albef", "task=nlvr2", "head=native", f"init_from={ta_dir}", "trainer.lr=0", *SMALL_FORMATS)
+    cfg = make_cfg(
+        "model=albef", "task=nlvr2", "head=native", f"init_from={ta_dir}", "trainer.finetune_lr=0", *SMALL_FORMATS
+    )
     result = run(cfg, nlvr_dir)
     assert result["init_from"] == str(ta_dir)
     report = json.loads((nlvr_dir / "manifest.json").read_text())["init_from"]

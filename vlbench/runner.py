@@ -428,6 +428,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if tcfg.epochs > 0:  # a budget in epochs (the papers' unit) becomes steps here, recorded in config.yaml
         tcfg.max_steps = math.ceil(tcfg.epochs * steps_per_epoch)
     cfg.init_from = resolve_init_from(cfg)  # `pretrained` → that run's directory, recorded in config.yaml
+    if cfg.init_from and tcfg.finetune_lr is not None:  # recorded as lr in config.yaml: the lr this run used
+        if main:
+            tqdm.write(
+                f"init_from: fine-tuning at trainer.finetune_lr={tcfg.finetune_lr:g} (trainer.lr={tcfg.lr:g} is "
+                "for runs from scratch)"
+            )
+        tcfg.lr, tcfg.finetune_lr = tcfg.finetune_lr, None
     if cfg.reuse_finished and resume_state is None:
         same = find_same_run(Path(cfg.reuse_root), cfg, also=record.dir)
         if same is not None:

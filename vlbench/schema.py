@@ -38,6 +38,9 @@ class TrainerConfig:
     eval_batch_size: int = 128
     grad_accum_steps: int = 1
     lr: float = 1e-4
+    # the lr of a run that starts from trained weights (init_from): tiny scales pre-train from scratch at a high lr
+    # that would wipe out what pre-training learnt; null: lr. The run's config.yaml records the lr it used.
+    finetune_lr: float | None = None
     head_lr_multiplier: float = 1.0
     weight_decay: float = 0.02
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
