@@ -29,7 +29,14 @@ Choices the paper leaves open (or that we could not check against its text offli
 - ``mlm_matched_only``: the MLM loss counts matched pairs only (a mismatched caption does not describe the pixels it
   sees); both losses come from one forward pass over the masked batch, as LXMERT's reference does, rather than an
   unmasked second pass for ITM.
-- The visual semantic embedding is added before the LayerNorm, as BERT adds its segment embedding.
+- ``pixel_norm``: ``batchnorm`` — the paper adds s_v to the pixel features and says nothing about normalising them.
+  BERT's embedding recipe, LayerNorm(Linear(f) + s_v) (``layernorm``), let AdamW grow the part every pixel token
+  shares (s_v, the bias, the features' mean direction) until all pixel tokens were nearly one vector (tiny, across-
+  image std 0.61 → 0.2 within 20 steps) and the model answered from the text alone: VQA 51.21, the text-only
+  model's, with the tiny CNN trained by AdamW or by SGD, frozen at random, replaced by one 16 × 16 patch
+  convolution, at lr 3e-4, and with a bias-free Linear before the LayerNorm. A per-channel BatchNorm of Linear(f)
+  over the batch's pixels keeps every channel varying across images and pixels; s_v is added after it. Measured
+  (tiny, from scratch, seed 0): VQA 53.61 at 1,500 steps, 60.39 at 3,000 (NOTES.md).
 - VQA/NLVR2 heads: the paper puts a fully connected classifier on [CLS] without saying its depth; we use LXMERT's
   two-layer MLP on the pooled output (the shared heads give the controlled comparison).
 - Retrieval fine-tuning: softmax cross-entropy of each caption's score with its image against ``retrieval_negatives``
@@ -56,6 +63,7 @@ from vlbench.models.losses import mask_caption_tokens, sample_mismatches
 from vlbench.registry import MODELS
 
 PIXEL_POSITIONS = ("none", "learned_2d")
+PIXEL_NORMS = ("batchnorm", "layernorm")
 
 
 def build_cnn(cfg: DictConfig) -> nn.Module:
@@ -103,8 +111,9 @@ def sample_pixels(tokens: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class PixelEmbeddings(nn.Module):
-    """Images → pixel tokens (B, h·w, H): CNN feature map, flattened, Linear to the hidden size, + the visual semantic
-    embedding (+ learned row/column embeddings with ``learned_2d``), LayerNorm, dropout."""
+    """Images → pixel tokens (B, h·w, H): CNN feature map, flattened, Linear to the hidden size; then with
+    ``pixel_norm=batchnorm`` per-channel BatchNorm + the visual semantic embedding, with ``layernorm`` + the visual
+    semantic embedding then LayerNorm; learned row/column embeddings with ``learned_2d``; dropout."""
 
     def __init__(self, cfg: DictConfig, sizes: TextSizes, image_size: int):
         super().__init__()
@@ -119,9 +128,10 @@ class PixelEmbeddings(nn.Module):
         if cfg.pixel_position == "learned_2d":
             side = math.ceil(image_size / self.cnn.feature_info.reduction()[-1])
             self.rows, self.cols = nn.Embedding(side, hidden), nn.Embedding(side, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)
+        self.batch_norm = cfg.pixel_norm == "batchnorm"
+        self.norm = nn.BatchNorm1d(hidden) if self.batch_norm else nn.LayerNorm(hidden, eps=1e-12)
         self.dropout = nn.Dropout(sizes.dropout)
-        for module in (self.proj, self.rows, self.cols, self.LayerNorm):
+        for module in (self.proj, self.rows, self.cols, self.norm):
             if module is not None:
                 init_bert_weights(module)
         nn.init.normal_(self.visual_type, std=0.02)
@@ -131,7 +141,10 @@ class PixelEmbeddings(nn.Module):
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         feature_map = self.cnn(pixel_values)[-1]  # (B, C, h, w); NHWC in memory with channels_last: no copy below
         height, width = feature_map.shape[2:]
-        x = self.proj(feature_map.flatten(2).transpose(1, 2)) + self.visual_type  # (B, h·w, H), row-major
+        x = self.proj(feature_map.flatten(2).transpose(1, 2))  # (B, h·w, H), row-major
+        if self.batch_norm:  # statistics per channel over every image and pixel of the batch
+            x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        x = x + self.visual_type
         if self.rows is not None:
             if height > self.rows.num_embeddings or width > self.cols.num_embeddings:
                 raise VlbenchError(
@@ -140,7 +153,7 @@ class PixelEmbeddings(nn.Module):
                 )
             grid = self.rows.weight[:height, None] + self.cols.weight[None, :width]  # (h, w, H)
             x = x + grid.reshape(height * width, -1)
-        return self.dropout(self.LayerNorm(x))
+        return self.dropout(x if self.batch_norm else self.norm(x))
 
 
 @MODELS.register("pixelbert")
@@ -151,6 +164,8 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
         super().__init__()
         if cfg.pixel_position not in PIXEL_POSITIONS:
             raise VlbenchError(f"model.pixel_position={cfg.pixel_position!r}: expected one of {PIXEL_POSITIONS}")
+        if cfg.pixel_norm not in PIXEL_NORMS:
+            raise VlbenchError(f"model.pixel_norm={cfg.pixel_norm!r}: expected one of {PIXEL_NORMS}")
         if cfg.pixel_sample is not None and cfg.pixel_sample < 1:
             raise VlbenchError(f"model.pixel_sample={cfg.pixel_sample}: expected a positive count, or null for none")
         if cfg.retrieval_negatives < 1:
