@@ -405,3 +405,32 @@ def test_sharded_evaluation_in_two_processes_equals_one(make_cfg, tmp_path):
     assert logged_two.keys() == logged_one.keys() and len(logged_one) >= 4  # steps 1-3 and the final validation
     for step, values in logged_one.items():
         assert logged_two[step] == pytest.approx(values, rel=1e-4), step
+
+
+def test_a_submitit_job_of_two_tasks_is_one_process_group_equal_to_one_process(make_cfg, tmp_path, cache_dir):
+    """hydra/launcher=slurm with tasks_per_node=2 (one process per GPU, as srun starts them), here through its twin,
+    submitit's local executor: the tasks join one group from the variables submitit exports and train as one process
+    does (textonly without dropout: the global batch split over the two)."""
+    from tests.test_cli import vlbench
+
+    setting = ["model=textonly", "task.head_dropout=0", "trainer.batch_size=8", "trainer.max_steps=3"]
+    one = run(make_cfg(*setting), tmp_path / "one")
+    proc = vlbench(
+        "-m",
+        "hydra/launcher=local_submitit",
+        "hydra.launcher.tasks_per_node=2",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        *SMALL_WORLD,
+        "trainer.eval_batch_size=64",
+        "trainer.progress=false",
+        "trainer.log_every=1",
+        *setting,
+        cwd=tmp_path,
+        cache=cache_dir,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = (tmp_path / "sweep").rglob("result.json")
+    two = json.loads(result.read_text())
+    assert two["num_devices"] == 2 and two["metrics"] == pytest.approx(one["metrics"], rel=1e-4)
+    assert_same_losses(tmp_path / "one", result.parent)
+    assert_same_checkpoints(tmp_path / "one", result.parent)

@@ -177,8 +177,25 @@ def _sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
     return net
 
 
+def export_submitit_tasks() -> None:
+    """A submitit job of several tasks (``hydra/launcher=slurm`` with ``tasks_per_node`` = GPUs per node, one process
+    per GPU, as ``srun`` starts them): export the variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT), which submitit derives from SLURM's, so that the processes form one group as under
+    torchrun. Nothing happens under torchrun or outside a submitit job. Every task keeps all the node's GPUs visible:
+    LOCAL_RANK picks its own."""
+    if "WORLD_SIZE" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    tasks = TorchDistributedEnvironment()
+    if tasks.world_size > 1:
+        tasks.export(set_cuda_visible_devices=False)
+
+
 def init_from_env() -> Processes:
-    """Join the process group torchrun describes in the environment (once per process); rank 0 of 1 without it."""
+    """Join the process group torchrun (or a submitit job of several tasks) describes in the environment (once per
+    process); rank 0 of 1 without it."""
+    export_submitit_tasks()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Processes()
