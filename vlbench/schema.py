@@ -255,9 +255,7 @@ class PixelBertModelConfig(ModelConfig):
     cnn_init: str | None = None  # local timm state dict for the CNN (never downloaded)
     channels_last: bool = True  # CNN weights and input in NHWC memory order: faster convolutions, same numbers
     pixel_position: str = "none"  # none (the paper describes no pixel position signal) | learned_2d (row + column)
-    pixel_norm: str = (
-        "batchnorm"  # batchnorm (per channel, then + s_v) | layernorm (LayerNorm(Linear(f) + s_v), BERT's)
-    )
+    pixel_norm: str = "batchnorm"  # batchnorm (per channel, then + s_v) | layernorm (BERT's: LN(Linear(f) + s_v))
     pixel_sample: int | None = 100  # pixels kept per image and step in pre-training (paper: 100); null: all
     pixel_sample_in_finetune: bool = False  # the paper samples in pre-training only
     # single-stream transformer over [text ; pixels]
