@@ -43,7 +43,10 @@ test-all: lint
 
 # The reference leaderboard: every model pre-trained and fine-tuned on every task, 3 seeds, the tiny_96k budget, plus
 # the blind baselines; finished runs are skipped, so an interrupted grid resumes where it stopped. Failed jobs are
-# recorded (failed.json) and shown in the table. Wall time is printed at the end.
+# recorded (failed.json) and shown in the table. The records of finished runs (no weights) are archived in
+# results/reference/ (kept in git) and the table is built from there, so the grid may run in parts, e.g.
+# `make leaderboard GRID_MODELS=albef GRID_SEEDS=0` (a part runs whole model × seed chains: an archived pre-training
+# run has no weights to fine-tune from). Wall time is printed at the end.
 GRID_MODELS ?= albef,lxmert,pixelbert,unimo3
 GRID_SEEDS ?= 0,1,2
 leaderboard: $(STAMP)
@@ -52,7 +55,7 @@ leaderboard: $(STAMP)
 		model=$(GRID_MODELS) task=pretrain,vqa,gqa,nlvr2,retrieval seed=$(GRID_SEEDS) || true; \
 	OMP_NUM_THREADS=2 $(BIN)/vlbench -m +experiment=suite budget=tiny_96k trainer.progress=false init_from=null \
 		model=textonly,majority task=vqa,gqa,nlvr2 seed=$(GRID_SEEDS) || true; \
-	$(BIN)/vlbench-leaderboard --root results/runs --out results/leaderboard.csv && \
+	$(BIN)/vlbench-leaderboard --archive results/runs --root results/reference --out results/leaderboard.csv && \
 	echo "leaderboard wall time: $$(( $$(date +%s) - start )) s (git $$(git rev-parse --short HEAD))"
 
 clean:

@@ -1,6 +1,7 @@
 """init_from: pre-train → fine-tune starts from exactly the pre-trained model tensors, or stops naming what differs."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from tests.test_tasks_end_to_end import SMALL_FORMATS
 from vlbench.errors import VlbenchError
+from vlbench.leaderboard import archive_records
 from vlbench.runner import run
 
 
@@ -136,6 +138,23 @@ def test_reuse_finished_skips_a_finished_configuration(make_cfg, tmp_path):
     assert json.loads((tmp_path / "b" / "reused.json").read_text()) == {"run_dir": str(tmp_path / "a")}
     changed = run(make_cfg("model=textonly", "reuse_finished=true", f"reuse_root={tmp_path}", "seed=1"), tmp_path / "c")
     assert changed["seed"] == 1 and (tmp_path / "c" / "result.json").exists()
+
+
+def test_archived_records_are_reused_but_a_pretraining_run_only_with_its_weights(make_cfg, tmp_path, pretrained_run):
+    """Records archived for the reference leaderboard (no checkpoints): a finished fine-tuning configuration is
+    skipped, but a pre-training run is not, since fine-tuning would have to start from its weights."""
+    run(make_cfg("model=textonly", "trainer.max_steps=1"), tmp_path / "runs" / "textonly")
+    shutil.copytree(pretrained_run, tmp_path / "runs" / "pretrain")
+    archive = tmp_path / "reference"
+    assert archive_records(tmp_path / "runs", archive) == 2
+    reuse = ("reuse_finished=true", f"reuse_root={archive}")
+    run(make_cfg("model=textonly", "trainer.max_steps=1", *reuse), tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "reused.json").read_text()) == {"run_dir": str(archive / "textonly")}
+    pretrain = make_cfg("model=albef", "task=pretrain", "trainer.max_steps=2", *SMALL_FORMATS, *reuse)
+    assert run(pretrain, tmp_path / "pretrain-again")["task"] == "pretrain"
+    assert (tmp_path / "pretrain-again" / "result.json").exists()
+    with pytest.raises(VlbenchError, match="no finished task=pretrain run of model=albef"):
+        run(make_cfg("model=albef", "init_from=pretrained", f"reuse_root={archive}"), tmp_path / "vqa")
 
 
 def test_reuse_finished_in_the_same_directory_returns_its_result(make_cfg, tmp_path):

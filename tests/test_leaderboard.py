@@ -152,3 +152,28 @@ def test_sweep_with_a_failing_job_finishes_the_others(tmp_path, cache_dir):
     assert len(scores) == 24 * 3 and all(0.0 <= v <= 1.0 for v in scores.values())  # SMALL_WORLD's test questions
     accuracy = json.loads((run_dir / "result.json").read_text())["metrics"]["accuracy"]
     assert 100 * np.mean(list(scores.values())) == pytest.approx(accuracy, abs=0.01)
+
+
+def test_archived_records_rebuild_the_same_table_without_weights(tmp_path, capsys):
+    runs, archive = tmp_path / "runs", tmp_path / "reference"
+    for seed in (0, 1):
+        write_result(runs, f"albef/vqa/seed{seed}", seed=seed, metrics={"accuracy": 60.0 + seed})
+        run_dir = runs / "albef" / "vqa" / f"seed{seed}"
+        for name in ("config.yaml", "manifest.json", "scores_test.json", "metrics.jsonl", "predictions_test.json"):
+            (run_dir / name).write_text("{}")
+        (run_dir / "checkpoints").mkdir()
+        (run_dir / "checkpoints" / "best.safetensors").write_bytes(b"weights")
+    (runs / "lxmert" / "vqa" / "bad").mkdir(parents=True)
+    (runs / "lxmert" / "vqa" / "bad" / "failed.json").write_text(json.dumps({"model": "lxmert", "error": "boom"}))
+    main(["--archive", str(runs), "--root", str(archive), "--out", str(tmp_path / "board.csv"), "--no-plot"])
+    assert "archived the records of 3 runs" in capsys.readouterr().out
+    kept = sorted(str(p.relative_to(archive)) for p in archive.rglob("*") if p.is_file())
+    assert kept == [
+        "albef/vqa/seed0/config.yaml", "albef/vqa/seed0/manifest.json", "albef/vqa/seed0/result.json",
+        "albef/vqa/seed0/scores_test.json", "albef/vqa/seed1/config.yaml", "albef/vqa/seed1/manifest.json",
+        "albef/vqa/seed1/result.json", "albef/vqa/seed1/scores_test.json", "lxmert/vqa/bad/failed.json",
+    ]  # fmt: skip
+    pd.testing.assert_frame_equal(aggregate(read_runs(archive)), aggregate(read_runs(runs)))
+    with pytest.raises(SystemExit):
+        main(["--archive", str(tmp_path / "nowhere"), "--root", str(archive)])
+    assert "--archive" in capsys.readouterr().err

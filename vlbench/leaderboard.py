@@ -112,6 +112,29 @@ def run_row(path: Path, record: dict, status: str) -> dict:
     return row
 
 
+RECORD_FILES = ("result.json", "failed.json", "config.yaml", "manifest.json", "scores_*.json")
+
+
+def archive_records(source: Path, archive: Path) -> int:
+    """Copy the small records of every finished or failed run under ``source`` (its result or error, config,
+    manifest and per-example scores; no weights, predictions or logs) to the same relative place under ``archive``.
+    Why: run directories are git-ignored and hold checkpoints; the reference leaderboard is built from records kept in
+    git, so a grid run over several sessions (whole model × seed chains each) adds up. Returns the runs copied."""
+    import shutil
+
+    source, archive = Path(source), Path(archive)
+    if not source.is_dir():
+        raise VlbenchError(f"--archive {source}: no such results directory")
+    run_dirs = {p.parent for name in ("result.json", "failed.json") for p in source.rglob(name)}
+    for run_dir in sorted(run_dirs):
+        target = archive / run_dir.relative_to(source)
+        target.mkdir(parents=True, exist_ok=True)
+        for pattern in RECORD_FILES:
+            for path in run_dir.glob(pattern):
+                shutil.copy2(path, target / path.name)
+    return len(run_dirs)
+
+
 def read_runs(root: Path) -> pd.DataFrame:
     """Every finished run (``result.json``) and failed run (``failed.json`` alone) under ``root``, one row each."""
     root = Path(root)
@@ -256,8 +279,13 @@ def main(argv: list[str] | None = None) -> None:
         "--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="paired bootstrap test between two run directories"
     )
     parser.add_argument("--split", default="test", help="split of the per-example scores for --compare")
+    parser.add_argument(
+        "--archive", metavar="RUNS", help="first copy the records (no weights) of the runs under RUNS into --root"
+    )
     args = parser.parse_args(argv)
     try:
+        if args.archive:
+            print(f"archived the records of {archive_records(Path(args.archive), Path(args.root))} runs in {args.root}")
         if args.compare:
             a, b = (example_scores(Path(d), args.split) for d in args.compare)
             r = paired_bootstrap(a, b)

@@ -33,14 +33,21 @@ def finished_runs(root: Path) -> list[tuple[Path, dict]]:
     return [(run_dir, record) for _, run_dir, record in sorted(found, key=lambda t: t[0])]
 
 
+def has_weights(run_dir: Path) -> bool:
+    """Whether a run directory holds model weights (archived records under results/reference/ hold none)."""
+    return any((Path(run_dir) / "checkpoints" / f"{name}.safetensors").exists() for name in ("best", "last"))
+
+
 def find_same_run(root: Path, cfg: DictConfig, also: Path | None = None) -> Path | None:
     """The newest finished run with this run's config hash (results-neutral keys excluded) under ``root`` or in the
-    run directory ``also`` (a re-launched sweep writes to the same directories, which may lie outside ``root``)."""
+    run directory ``also`` (a re-launched sweep writes to the same directories, which may lie outside ``root``). A
+    pre-training run counts only with its weights: the fine-tuning runs of the grid start from them."""
     wanted = config_hash(cfg)
     runs = finished_runs(root)
     if also is not None and (Path(also) / "result.json").exists():
         runs += [(Path(also), json.loads((Path(also) / "result.json").read_text(encoding="utf-8")))]
-    matches = [d for d, r in runs if r.get("config_hash") == wanted]
+    needs_weights = cfg.task.name == "pretrain"
+    matches = [d for d, r in runs if r.get("config_hash") == wanted and (has_weights(d) or not needs_weights)]
     return matches[-1] if matches else None
 
 
@@ -55,7 +62,7 @@ def find_pretrained(root: Path, cfg: DictConfig) -> Path:
         if (record.get("scale"), record.get("data"), record.get("seed")) != (cfg.scale.name, cfg.data.name, cfg.seed):
             continue
         saved = run_dir / "config.yaml"
-        if not saved.exists():
+        if not saved.exists() or not has_weights(run_dir):
             continue
         model = OmegaConf.to_container(OmegaConf.load(saved).model, resolve=True)
         candidates.append((run_dir, config_differences(model, want_model, "model.")))
