@@ -1,5 +1,7 @@
 """`vlbench-bench` commands run end to end at toy sizes (their numbers are measured by hand, not asserted)."""
 
+import re
+
 import pytest
 
 from vlbench.bench import main
@@ -117,3 +119,17 @@ def test_eager_attention_equals_sdpa():
             eager = attention(x, **kwargs)
         torch.testing.assert_close(eager, sdpa, atol=1e-6, rtol=1e-5)
     assert not MultiHeadAttention.eager  # restored
+
+
+def test_lxmert_bench_compares_with_transformers_and_splits_a_step(capsys):
+    main(["lxmert", "--scale", "tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--profile"])
+    out = capsys.readouterr().out
+    eval_losses = re.search(r"loss in eval mode: ours ([\d.]+), transformers ([\d.]+)", out)
+    assert eval_losses and float(eval_losses[1]) == pytest.approx(float(eval_losses[2]), rel=1e-4)
+    assert re.search(r"ratio ours / transformers: [\d.]+×", out)
+    for name in ("ours", "transformers"):
+        total, gemm, optimizer, rest = map(
+            float, re.search(rf"{name}: +([\d.]+) +([\d.]+) +([\d.]+) +(-?[\d.]+)", out).groups()
+        )
+        assert gemm > 0 and optimizer > 0 and total == pytest.approx(gemm + optimizer + rest, abs=2e-3)
+    assert re.search(r"outside its GEMMs and optimizer update: [\d.]+×", out)

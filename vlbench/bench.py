@@ -5,9 +5,11 @@ vlbench-bench models [--models albef,lxmert,pixelbert,unimo3] [--scales tiny,bas
     peak memory, SDPA vs eager attention; a table, JSON and a history line (see ``vlbench.bench_models``).
 
 vlbench-bench lxmert [--scale tiny|base] [--batch-size 8] [--steps 4] [--warmup 1] [--threads N] [--device cpu]
+                     [--profile]
     Training-step throughput of our LXMERT vs transformers' ``LxmertForPreTraining`` with the same config, weights,
     corrupted inputs and loss (the five pre-training objectives summed), in one process, alternating rounds so that
-    a busy machine slows both alike.
+    a busy machine slows both alike. ``--profile``: one more step of each under the profiler, split into matrix
+    products, the optimizer update and the rest, and the ratio that removing all of ours' rest would give.
 
 vlbench-bench retrieval [--run DIR] [--images 1000] [--captions-per-image 5] [--k 128]
     ALBEF retrieval on a synthetic test set: time and R@1 of ITC only, ITC top-k re-ranked by ITM, and ITM over all
@@ -113,6 +115,34 @@ def _time_rounds(steps: dict[str, Callable[[], float]], rounds: int, device: tor
     return {name: seconds / rounds for name, seconds in total.items()}
 
 
+GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
+def profile_breakdown(step: Callable[[], float], optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Seconds of one training step by kind, from the profiler's self CPU time of each op: the matrix products
+    (``GEMM_OPS``), the optimizer's update, and the rest. The GEMMs and the optimizer are the same work in two
+    implementations of one model; only "rest" is left to win."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    original_step = optimizer.step
+
+    def labelled_step(*a, **k):
+        with record_function("vlbench::optimizer"):
+            return original_step(*a, **k)
+
+    optimizer.step = labelled_step
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+    finally:
+        optimizer.step = original_step
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e6
+    optim = next((e.cpu_time_total for e in events if e.key == "vlbench::optimizer"), 0.0) / 1e6
+    return {"total": total, "gemm": gemm, "optimizer": optim, "rest": total - gemm - optim}
+
+
 def bench_lxmert(args: argparse.Namespace) -> dict[str, float]:
     """Our LXMERT vs transformers': samples/s of a full training step (forward, backward, AdamW) on the same data."""
     device = torch.device(args.device)
@@ -177,6 +207,19 @@ def bench_lxmert(args: argparse.Namespace) -> dict[str, float]:
     for name, rate in rates.items():
         print(f"{name:>13}: {rate:8.2f} samples/s  ({seconds[name] * 1000:.0f} ms/step)")
     print(f"ratio ours / transformers: {rates['ours'] / rates['transformers']:.2f}×")
+    if args.profile:
+        parts = {name: profile_breakdown(steps[name], optimizers[name]) for name in steps}
+        print("one profiled step, self CPU seconds:   total    GEMM  optimizer   rest")
+        for name, part in parts.items():
+            print(
+                f"{name:>13}: {'':22}{part['total']:7.3f} {part['gemm']:7.3f} {part['optimizer']:9.3f} "
+                f"{part['rest']:7.3f}"
+            )
+        ours, theirs = parts["ours"], parts["transformers"]
+        print(
+            "bound on the ratio if ours spent nothing outside its GEMMs and optimizer update: "
+            f"{theirs['total'] / (ours['gemm'] + ours['optimizer']):.2f}×"
+        )
     return rates
 
 
@@ -339,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--regions", type=int, default=36)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--profile", action="store_true", help="then one profiled step each: GEMM / optimizer / rest")
     p.set_defaults(func=bench_lxmert)
     r = sub.add_parser("retrieval", help="ALBEF retrieval: time and R@1 of ITC, ITC→ITM top-k and all-pairs ITM")
     r.add_argument("--run", default=None, help="a finished ALBEF run directory whose weights to use")
