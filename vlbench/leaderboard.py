@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,8 +121,6 @@ def archive_records(source: Path, archive: Path) -> int:
     manifest and per-example scores; no weights, predictions or logs) to the same relative place under ``archive``.
     Why: run directories are git-ignored and hold checkpoints; the reference leaderboard is built from records kept in
     git, so a grid run over several sessions (whole model × seed chains each) adds up. Returns the runs copied."""
-    import shutil
-
     source, archive = Path(source), Path(archive)
     if not source.is_dir():
         raise VlbenchError(f"--archive {source}: no such results directory")
