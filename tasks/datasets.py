@@ -39,6 +39,11 @@ class VisualReader:
         self.kind = kind
         self.image_loader = image_loader
         self.region_store = region_store
+        # Pad to the store's largest box count when that is below max_regions: the synthetic world's images hold 2-5
+        # objects, and padding them to 36 made a region model spend ~8x its compute on masked boxes. The count is the
+        # whole store's, so every batch (and every DDP rank) has the same shape; BUTD's 36-box files are unchanged.
+        if region_store is not None and max_regions:
+            max_regions = min(max_regions, int(region_store.max_boxes) or max_regions)
         self.max_regions = max_regions
 
     def require_feature_dim(self, expected: int | None, what: str) -> None:

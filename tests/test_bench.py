@@ -67,6 +67,22 @@ def test_models_bench_writes_table_json_and_history(cache_dir, tmp_path, capsys)
     assert len(history.read_text().splitlines()) == 2  # appended, not overwritten
 
 
+def test_models_bench_with_lxmert_runs_the_transformers_reference_beside_it(cache_dir, tmp_path, capsys):
+    import json
+
+    from tests.conftest import SMALL_WORLD
+
+    out_json = tmp_path / "latest.json"
+    args = ["models", "--models", "lxmert", "--steps", "1", "--warmup", "0", "--eager-steps", "0"]
+    args += ["--loader-batches", "1", "--gemm-size", "256", "--json", str(out_json)]
+    main([*args, *SMALL_WORLD, "trainer.batch_size=8"])
+    assert "ratio ours / transformers" in capsys.readouterr().out
+    record = json.loads(out_json.read_text())
+    assert record["rows"][0]["model"] == "lxmert" and "error" not in record["rows"][0]
+    reference = record["lxmert_vs_transformers"]
+    assert reference["ours"] > 0 and reference["transformers"] > 0
+
+
 @pytest.mark.slow  # compiling on CPU takes a minute or more
 def test_models_bench_times_the_compiled_training_step(cache_dir, tmp_path, capsys):
     import json

@@ -194,11 +194,26 @@ def test_loader_workers_across_epochs_and_resume_change_no_result(make_cfg, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_adamw_kernels_train_the_same_model(make_cfg, tmp_path):
+    # fused (the default) is a speed switch: the per-tensor loop gives the same losses and weights up to rounding
+    runs = {}
+    for impl in ("fused", "loop"):
+        run(make_cfg("model=albef", "trainer.max_steps=5", f"trainer.optimizer_impl={impl}"), tmp_path / impl)
+        runs[impl] = (train_losses(tmp_path / impl), load_file(tmp_path / impl / "checkpoints" / "last.safetensors"))
+    assert runs["fused"][0] == pytest.approx(runs["loop"][0], rel=1e-5)
+    assert all(torch.allclose(runs["fused"][1][k], runs["loop"][1][k], atol=1e-5) for k in runs["loop"][1])
+    with pytest.raises(VlbenchError, match="trainer.optimizer_impl: expected auto, fused, foreach or loop, got 'adam'"):
+        run(make_cfg("model=albef", "trainer.max_steps=1", "trainer.optimizer_impl=adam"), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "result.json").exists()
+
+
 def test_speed_switches_leave_the_config_hash(make_cfg):
     # runs may resume, be reused or initialise others across these switches (and across their introduction)
     from vlbench.results import config_hash
 
-    switched = make_cfg("model=pixelbert", "trainer.compile=true", "model.channels_last=false")
+    switched = make_cfg(
+        "model=pixelbert", "trainer.compile=true", "model.channels_last=false", "trainer.optimizer_impl=loop"
+    )
     assert config_hash(switched) == config_hash(make_cfg("model=pixelbert"))
 
 

@@ -370,20 +370,25 @@ def bench_pixelbert(args: argparse.Namespace) -> dict[str, float]:
     return rates
 
 
+def add_lxmert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `lxmert` subcommand's options; `vlbench-bench models` parses its reference run with them too."""
+    parser.add_argument("--scale", choices=["tiny", "base"], default="base")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
+    parser.add_argument("--text-length", type=int, default=20, help="tokens per sentence (the reference pads to 20)")
+    parser.add_argument("--regions", type=int, default=36)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", action="store_true", help="then one profiled step each: GEMM / optimizer / rest")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlbench-bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("lxmert", help="training-step samples/s: our LXMERT vs transformers' LxmertForPreTraining")
-    p.add_argument("--scale", choices=["tiny", "base"], default="base")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per model")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
-    p.add_argument("--text-length", type=int, default=20, help="tokens per sentence (the reference pads to 20)")
-    p.add_argument("--regions", type=int, default=36)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--profile", action="store_true", help="then one profiled step each: GEMM / optimizer / rest")
-    p.set_defaults(func=bench_lxmert)
+    add_lxmert_arguments(p).set_defaults(func=bench_lxmert)
     r = sub.add_parser("retrieval", help="ALBEF retrieval: time and R@1 of ITC, ITC→ITM top-k and all-pairs ITM")
     r.add_argument("--run", default=None, help="a finished ALBEF run directory whose weights to use")
     r.add_argument("--images", type=int, default=1000)

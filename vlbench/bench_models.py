@@ -331,12 +331,11 @@ def bench_models(args: argparse.Namespace) -> list[dict]:
             r["mfu"] = r["achieved_flops"] / peak if peak else None
     reference = None
     if "lxmert" in args.models.split(",") and args.lxmert_reference:
-        from vlbench.bench import bench_lxmert
+        from vlbench.bench import add_lxmert_arguments, bench_lxmert
 
-        reference_args = argparse.Namespace(
-            scale=args.scales.split(",")[-1], batch_size=8, steps=args.steps, warmup=1, text_length=20, regions=36,
-            threads=args.threads, device=args.device,
-        )  # fmt: skip
+        lxmert_options = ["--scale", args.scales.split(",")[-1], "--steps", str(args.steps)]
+        lxmert_options += ["--threads", str(args.threads), "--device", args.device]
+        reference_args = add_lxmert_arguments(argparse.ArgumentParser()).parse_args(lxmert_options)
         reference = bench_lxmert(reference_args)
     print(f"vlbench-bench models: task {args.task}, {torch.get_num_threads()} threads, {device_description(device)}")
     print(format_table(rows, matmul_flops, peak))

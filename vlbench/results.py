@@ -37,6 +37,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.fsdp",
     "trainer.compile",  # speed only: the same numbers up to float rounding (compiled or not, channels-last or not)
     "model.channels_last",
+    "trainer.optimizer_impl",  # AdamW's kernel (fused, foreach, loop): the same update up to float rounding
     "logger",
 )
 

@@ -214,7 +214,18 @@ def build_optimizer(net: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer | 
         {"params": head_decay, "weight_decay": cfg.weight_decay, "lr": head_lr},
         {"params": head_no_decay, "weight_decay": 0.0, "lr": head_lr},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(cfg.betas))
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(cfg.betas), **adamw_kernel(cfg))
+
+
+def adamw_kernel(cfg: DictConfig) -> dict[str, bool]:
+    """AdamW's implementation switch from ``trainer.optimizer_impl`` (the per-tensor loop is torch's CPU default)."""
+    impl = cfg.get("optimizer_impl", "auto")
+    if impl == "auto":
+        impl = "foreach" if cfg.get("fsdp", False) else "fused"
+    choices = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+    if impl not in choices:
+        raise VlbenchError(f"trainer.optimizer_impl: expected auto, fused, foreach or loop, got {impl!r}")
+    return choices[impl]
 
 
 def lr_multiplier(step: int, cfg: DictConfig) -> float:

@@ -61,3 +61,17 @@ def test_region_features_are_padded_with_a_mask(tmp_path, tokenizer):
     assert batch["region_mask"].tolist() == [[True, True, False], [True, True, True]]
     assert batch["region_features"][1].eq(2.0).all() and batch["region_features"][0, 2].eq(0).all()
     assert batch["region_object_ids"].tolist()[0] == [-1, -1, -1]
+
+
+def test_region_batches_are_padded_to_the_stores_largest_image_not_beyond(tmp_path, tokenizer):
+    # padding every image to max_regions=36 when no image has more than 5 boxes costs a region model ~8x its compute
+    with RegionStoreWriter(tmp_path / "store", 4, source="test") as writer:
+        for key, n in (("1", 2), ("2", 5), ("3", 3)):
+            boxes = np.tile(np.array([[0.1, 0.1, 0.5, 0.5]], dtype=np.float32), (n, 1))
+            writer.add(key, np.full((n, 4), float(key), dtype=np.float32), boxes, img_h=8, img_w=8)
+    visual = VisualReader("regions", region_store=RegionStore(tmp_path / "store"), max_regions=36)
+    dataset = ExampleDataset(["a", "red"], [[ImageRef(tmp_path / "x", "1")], [ImageRef(tmp_path / "z", "3")]],
+                             tokenizer, 8, visual)  # fmt: skip
+    batch = dataset.collate([dataset[0], dataset[1]])
+    assert batch["region_features"].shape == (2, 5, 4)  # the store's largest image (key 2), not this batch's 3
+    assert batch["region_mask"].sum(1).tolist() == [2, 3]
