@@ -74,7 +74,7 @@ def test_models_bench_with_lxmert_runs_the_transformers_reference_beside_it(cach
 
     out_json = tmp_path / "latest.json"
     args = ["models", "--models", "lxmert", "--steps", "1", "--warmup", "0", "--eager-steps", "0"]
-    args += ["--loader-batches", "1", "--gemm-size", "256", "--json", str(out_json)]
+    args += ["--loader-batches", "1", "--gemm-size", "256", "--json", str(out_json), "--history", str(tmp_path / "h")]
     main([*args, *SMALL_WORLD, "trainer.batch_size=8"])
     assert "ratio ours / transformers" in capsys.readouterr().out
     record = json.loads(out_json.read_text())
