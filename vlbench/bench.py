@@ -304,14 +304,15 @@ def bench_pixelbert(args: argparse.Namespace) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     with initialize_config_module(config_module="vlbench.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=["model=pixelbert", f"scale={args.scale}"])
-    if args.compare == "sampling" and cfg.model.pixel_sample is None:
-        raise SystemExit(f"model.pixel_sample is null at scale={args.scale}: nothing to compare")
+    sample = args.sample or cfg.model.pixel_sample
+    if args.compare == "sampling" and sample is None:
+        raise SystemExit(f"model.pixel_sample is null at scale={args.scale}: give --sample N to compare N pixels")
     size = args.image_size or cfg.data.image_size
     ctx = ModelContext(
         vocab_size=BERT_VOCAB, pad_token_id=0, cls_token_id=101, sep_token_id=102, mask_token_id=103, image_size=size
     )
     if args.compare == "sampling":
-        variants = {"sampled": {}, "all pixels": {"pixel_sample": None}}
+        variants = {"sampled": {"pixel_sample": sample}, "all pixels": {"pixel_sample": None}}
     else:
         variants = {"channels_last": {"channels_last": True}, "contiguous": {"channels_last": False}}
     models = {}
@@ -359,7 +360,7 @@ def bench_pixelbert(args: argparse.Namespace) -> dict[str, float]:
         f"{torch.get_num_threads()} threads, {device}"
     )
     if args.compare == "sampling":
-        kept = {"sampled": f"{cfg.model.pixel_sample} pixels", "all pixels": f"{pixels} pixels"}
+        kept = {"sampled": f"{sample} pixels", "all pixels": f"{pixels} pixels"}
         for name, rate in rates.items():
             print(f"{name:>10}: {rate:8.2f} steps/s  ({seconds[name] * 1000:.0f} ms/step, {kept[name]})")
         print(f"speed-up of pixel sampling: {rates['sampled'] / rates['all pixels']:.2f}×")
@@ -407,6 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--warmup", type=int, default=1, help="untimed steps per setting first")
     b.add_argument("--text-length", type=int, default=20)
     b.add_argument("--image-size", type=int, default=0, help="square images of this size (0: the scale's)")
+    b.add_argument("--sample", type=int, default=0, help="pixels kept when sampling (0: the scale's pixel_sample)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     b.add_argument("--device", default="cpu")
     b.add_argument(
