@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 
 from vlbench.bench import main
 
@@ -120,6 +121,24 @@ class SimpleQueue:
 
     def put(self, item) -> None:
         self.items.append(item)
+
+
+def test_a_base_region_model_is_timed_on_butd_shaped_regions():
+    from vlbench.bench_models import fit_region_features
+
+    batch = {
+        "input_ids": torch.ones(2, 5, dtype=torch.long),
+        "region_features": torch.ones(2, 3, 147),
+        "region_boxes": torch.ones(2, 3, 4),
+        "region_mask": torch.ones(2, 3, dtype=torch.bool),
+        "region_object_ids": torch.zeros(2, 3, dtype=torch.long),
+    }
+    fitted = fit_region_features(batch, dim=2048, boxes=36)
+    assert fitted["region_features"].shape == (2, 36, 2048) and fitted["region_boxes"].shape == (2, 36, 4)
+    assert fitted["region_features"][:, :3, :147].eq(1).all() and fitted["region_features"][:, :, 147:].eq(0).all()
+    assert fitted["region_mask"].sum().item() == 6 and fitted["region_object_ids"][:, 3:].eq(-1).all()
+    assert fitted["input_ids"] is batch["input_ids"]
+    assert fit_region_features(batch, dim=147, boxes=36) is batch  # a model of the store's size reads it as it is
 
 
 def test_eager_attention_equals_sdpa():

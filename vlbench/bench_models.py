@@ -122,6 +122,26 @@ def build_for_bench(cfg, device: torch.device):
     return task, train_set, TaskModel(model, head, task).to(device)
 
 
+def fit_region_features(batch: dict, dim: int | None, boxes: int) -> dict:
+    """A region batch in the shape a model configured for BUTD features reads: the synthetic world's store holds
+    147-d features of 2-5 boxes, a base-scale region model reads 36 × 2048-d. When the sizes differ, the store's
+    features are zero-padded to ``dim`` and the boxes to ``boxes`` (masked), so the bench times the model as
+    configured, at the standard region count."""
+    if not dim or "region_features" not in batch or batch["region_features"].shape[-1] >= dim:
+        return batch
+    fitted = dict(batch)
+    for key, value in batch.items():
+        if key.startswith("region_"):
+            extra = boxes - value.shape[1]
+            pad = (0, 0, 0, extra) if value.ndim == 3 else (0, extra)
+            fill = -1 if value.dtype == torch.long else 0
+            fitted[key] = torch.nn.functional.pad(value, pad, value=fill) if extra > 0 else value
+    for key, value in list(fitted.items()):
+        if key.startswith("region_features"):
+            fitted[key] = torch.nn.functional.pad(value, (0, dim - value.shape[-1]))
+    return fitted
+
+
 def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
     """All figures of one model × scale (run in its own process)."""
     from torch.utils.data import DataLoader
@@ -173,7 +193,8 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
 
     _, loader_cold_rate = load_pass()
     batches, loader_rate = load_pass()
-    batches = [to_device(b, device) for b in batches[:needed]]
+    fit = {"dim": cfg.model.get("visual_feature_dim"), "boxes": cfg.data.datasets[task.data_format].max_regions}
+    batches = [to_device(fit_region_features(b, **fit), device) for b in batches[:needed]]
     while len(batches) < needed:  # a tiny training split: cycle
         batches.append(batches[len(batches) % max(1, len(batches))])
 
