@@ -12,7 +12,7 @@ DEV_STAMP := $(VENV)/.vlbench-dev-installed
 # --no-compile: byte-compiling torch's thousands of files costs ~25 s of set-up; Python compiles what it imports.
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --no-compile
 
-.PHONY: setup demo test test-all lint leaderboard clean
+.PHONY: setup demo test test-all lint leaderboard device-wheels device-check clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,19 @@ leaderboard: $(STAMP)
 	$(GRID) init_from=null model=textonly,majority task=vqa,gqa,nlvr2 seed=$(GRID_SEEDS) || true; \
 	$(BIN)/vlbench-leaderboard --archive results/runs --root results/reference --out results/leaderboard.csv && \
 	echo "leaderboard wall time: $$(( $$(date +%s) - start )) s (git $$(git rev-parse --short HEAD))"
+
+# GPU checks (tests/test_gpu.py and the base-scale bf16 bench) on a GPU machine that has CUDA torch, timm and
+# transformers but no package index: `make device-wheels` here puts the pure-Python rest into .whl/ (git-ignored;
+# carry it there), then `OUT=<folder> bash .ci/device-check` there (the script needs no make).
+DEVICE_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 hydra-joblib-launcher==1.2.0 hydra-submitit-launcher==1.2.0 \
+	submitit==1.5.4
+device-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl $(DEVICE_WHEELS)
+	$(PYTHON) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3  # published as source only
+
+device-check:
+	bash .ci/device-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -115,6 +115,13 @@ def test_models_bench_reports_a_failing_model_as_a_row():
     assert "failed:" in format_table(rows, 1e9, None)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_models_bench_on_cuda_without_a_gpu_stops_at_once(tmp_path):
+    with pytest.raises(SystemExit, match=r"^vlbench-bench models --device cuda: no CUDA device is available here$"):
+        main(["models", "--device", "cuda", "--json", str(tmp_path / "b.json"), "--history", str(tmp_path / "h")])
+    assert not list(tmp_path.iterdir())
+
+
 class SimpleQueue:
     def __init__(self, items: list):
         self.items = items

@@ -342,6 +342,8 @@ def bench_models(args: argparse.Namespace) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # before minutes of building models that cannot move
+        raise SystemExit(f"vlbench-bench models --device {args.device}: no CUDA device is available here")
     rows = [run_isolated(m, s, args) for s in args.scales.split(",") for m in args.models.split(",")]
     dtypes = {r.get("dtype", "float32") for r in rows}
     dtype = torch.bfloat16 if "bfloat16" in dtypes else torch.float32

@@ -463,8 +463,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     # again: preparing data may have drawn from the RNG (a first extraction of region features, on rank 0 only); the
     # initial weights must not depend on it
     seed_everything(cfg.seed)
-    # per-example randomness in training (masks, negatives): reseeded from (seed, step) each step, on every process
-    sample_generator = torch.Generator(device)
+    # per-example randomness in training (masks, negatives): reseeded from (seed, step) each step, on every process.
+    # Drawn on the CPU whatever the device (a few numbers per example, copied over): the draws, hence a run, do not
+    # depend on which device trains it, so a GPU run can be checked against a CPU one (tests/test_gpu.py)
+    sample_generator = torch.Generator()
     ctx = ModelContext.for_tokenizer(
         tokenizer,
         cfg.data.image_size,
