@@ -176,5 +176,6 @@ def test_lxmert_bench_compares_with_transformers_and_splits_a_step(capsys):
         total, gemm, optimizer, rest = map(
             float, re.search(rf"{name}: +([\d.]+) +([\d.]+) +([\d.]+) +(-?[\d.]+)", out).groups()
         )
-        assert gemm > 0 and optimizer > 0 and total == pytest.approx(gemm + optimizer + rest, abs=2e-3)
+        # the parts are disjoint shares of the step: GEMMs and the optimizer fit in it, the rest is what is left
+        assert gemm > 0 and optimizer > 0 and gemm + optimizer <= total + 2e-3 and rest >= -2e-3
     assert re.search(r"outside its GEMMs and optimizer update: [\d.]+×", out)

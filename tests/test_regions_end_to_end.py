@@ -18,6 +18,7 @@ class RegionBag(VisionLanguageModel):
     """Test-only region model: text [CLS] plus the masked mean of projected region features and boxes."""
 
     visual_input = "regions"
+    seen: list[tuple] = []  # (training?, feature shape, regions per example) of every batch encoded, any instance
 
     def __init__(self, cfg, ctx):
         super().__init__()
@@ -25,11 +26,10 @@ class RegionBag(VisionLanguageModel):
         self.hidden_size = sizes.hidden_size
         self.text_encoder = TextEncoder(ctx.vocab_size, sizes, cfg.text_layers)
         self.region_proj = nn.Linear(cfg.visual_feature_dim + 4, sizes.hidden_size)
-        self.seen_shapes: list[tuple] = []
 
     def encode(self, batch):
         features, boxes, mask = batch["region_features"], batch["region_boxes"], batch["region_mask"]
-        self.seen_shapes.append(tuple(features.shape))
+        RegionBag.seen.append((self.training, tuple(features.shape), mask.sum(1).tolist()))
         regions = self.region_proj(torch.cat([features, boxes], dim=-1)) * mask[..., None]
         pooled_regions = regions.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         tokens = self.text_encoder(batch["input_ids"], batch["attention_mask"])
@@ -39,6 +39,7 @@ class RegionBag(VisionLanguageModel):
 @pytest.fixture
 def region_model():
     MODELS.register("regionbag")(RegionBag)
+    RegionBag.seen.clear()
     yield
     MODELS._builders.pop("regionbag")
 
@@ -78,6 +79,12 @@ def test_a_region_model_trains_on_stored_features(make_cfg, tmp_path, world_stor
     result = run(_cfg(make_cfg, world_store, f"data.cache_dir={cache_dir}"), tmp_path / "run")
     assert 0 <= result["metrics"]["accuracy"] <= 100
     assert result["train_samples"] == 64
+    # the model was fed the store's features: a 2 × 2 grid of boxes → 4 regions of 512-d ResNet-18 features each
+    training = [(shape, regions) for is_training, shape, regions in RegionBag.seen if is_training]
+    batch_size = 16  # tests/conftest.py's trainer.batch_size
+    assert len(training) == 64 // batch_size
+    assert all(shape == (batch_size, 4, 512) and regions == [4] * batch_size for shape, regions in training)
+    assert any(not is_training for is_training, _, _ in RegionBag.seen)  # and evaluated on them
 
 
 def test_feature_size_mismatch_fails_before_training(make_cfg, tmp_path, world_store, region_model):

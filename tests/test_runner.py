@@ -1,6 +1,7 @@
 """The shared runner end to end at tiny scale: the record it writes, every registered model, exact resume."""
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -49,9 +50,17 @@ def test_tiny_albef_run_writes_a_complete_record(make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("model_name", MODELS.names())
-def test_every_registered_model_trains_and_evaluates(make_cfg, tmp_path, model_name):
-    result = run(make_cfg(f"model={model_name}", "trainer.max_steps=2"), tmp_path / model_name)
+def test_every_registered_model_trains_and_evaluates(make_cfg, tmp_path, model_name, small_world):
+    run_dir = tmp_path / model_name
+    result = run(make_cfg(f"model={model_name}", "trainer.max_steps=2"), run_dir)
     assert result["model"] == model_name and "accuracy" in result["metrics"]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [(entry["step"], entry["train/loss"]) for entry in lines if "train/loss" in entry]
+    assert [step for step, _ in losses] == [1, 2] and all(math.isfinite(loss) for _, loss in losses)
+    # every test question answered once
+    test = json.loads((small_world / "v2_OpenEnded_mscoco_test2015_questions.json").read_text())["questions"]
+    predictions = json.loads((run_dir / "predictions_test.json").read_text())
+    assert sorted(p["question_id"] for p in predictions) == sorted(q["question_id"] for q in test)
 
 
 def test_majority_predicts_the_most_frequent_answer_per_question_type(make_cfg, tmp_path, small_world):
@@ -125,8 +134,14 @@ def test_lr_schedule_warmup_then_cosine_to_floor(make_cfg):
     assert lr_multiplier(0, cfg) == pytest.approx(0.1)
     assert lr_multiplier(9, cfg) == pytest.approx(1.0)
     assert lr_multiplier(10, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(4, cfg) == pytest.approx(0.5)
     assert lr_multiplier(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    # a sixth of the way: cosine 0.1 + 0.9 · (1 + cos(π/6)) / 2 = 0.9397, where a linear decay gives 0.85
+    assert lr_multiplier(25, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.sqrt(3) / 2))
     assert lr_multiplier(100, cfg) == pytest.approx(0.1)
+    linear = make_cfg("trainer.max_steps=100", "trainer.warmup_steps=10", "trainer.min_lr_ratio=0.1",
+                      "trainer.schedule=linear").trainer  # fmt: skip
+    assert lr_multiplier(25, linear) == pytest.approx(0.85)
 
 
 def test_the_record_says_which_checkpoint_was_tested(make_cfg, tmp_path):

@@ -113,7 +113,7 @@ def test_gqa_official_fields_and_entailment(world):
 def test_gqa_answers_agree_with_scene_graphs_and_entailed_questions(world):
     questions = json.loads((world["gqa"] / "train_balanced_questions.json").read_text())
     graphs = json.loads((world["gqa"] / "train_sceneGraphs.json").read_text())
-    checked = 0
+    checked = entailed = 0
     for q in questions.values():
         objects = graphs[q["imageId"]]["objects"].values()
         if q["types"]["detailed"] == "queryColor":  # "What color is the circle?"
@@ -128,7 +128,8 @@ def test_gqa_answers_agree_with_scene_graphs_and_entailed_questions(world):
             for other in map(questions.get, q["entailed"]):
                 if other["types"]["detailed"] == "verifyShape":
                     assert (other["answer"] == "yes") == other["question"].endswith(f" {q['answer']}?")
-    assert checked > 10
+                    entailed += 1
+    assert checked > 10 and entailed > 0
 
 
 def test_gqa_answers_are_balanced_given_the_text(tmp_path):

@@ -45,6 +45,11 @@ def test_official_checkpoint_at_another_resolution_is_resampled(tmp_path):
     bigger = ALBEF(source.cfg, dataclasses.replace(CTX, image_size=48))  # 6×6 grid
     loaded = _with(bigger, init_checkpoint=str(path))
     assert loaded.online.visual_encoder.pos_embed.shape == (1, 37, 32)
+    # the checkpoint's grid, resampled (not a fresh initialisation), and the other weights as saved
+    expected = resample_pos_embed(source.online.visual_encoder.pos_embed.detach(), 37)
+    assert torch.allclose(loaded.online.visual_encoder.pos_embed, expected, atol=1e-6)
+    theirs, ours = source.state_dict(), loaded.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs if not k.endswith("pos_embed"))
     batch = make_batch()
     batch["pixel_values"] = torch.randn(4, 3, 48, 48)
     assert loaded.encode(batch).pooled.shape == (4, 32)

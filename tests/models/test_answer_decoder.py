@@ -159,9 +159,15 @@ def test_albef_answer_loss_trains_decoder_and_encoders_and_moves_the_momentum_de
 def test_albef_answer_loss_counts_only_questions_with_candidates():
     model, head = albef_and_head(distill=False)
     batch = vqa_batch()
+    batch["pixel_values"].requires_grad_(True)
     full = head.answer_losses(model, batch, step=0)["answer_lm"]
-    batch["targets"][2] = 0.0  # already unanswerable: unchanged
-    assert torch.equal(head.answer_losses(model, batch, step=0)["answer_lm"], full)
+    full.backward()
+    image_grad = batch["pixel_values"].grad.flatten(1).abs().sum(dim=1)
+    # question 2 has no candidate answer: its image gets no gradient at all; the answered questions' images do
+    assert image_grad[2] == 0 and (image_grad[[0, 1, 3]] > 0).all()
+    batch["pixel_values"] = batch["pixel_values"].detach()
+    batch["targets"][1] = 0.0  # one answered question fewer: the mean is over the other two
+    assert not torch.allclose(head.answer_losses(model, batch, step=0)["answer_lm"], full, rtol=0, atol=1e-3)
     batch["targets"].zero_()
     zero = head.answer_losses(model, batch, step=0)["answer_lm"]
     assert zero.item() == 0.0 and zero.requires_grad

@@ -82,9 +82,11 @@ def test_ties_count_against_the_query():
 
 def test_separate_t2i_scores_rank_the_images():
     t2i = SIMS.copy()
-    t2i[2, 0] = 1.0  # caption 0 now ranks image 2 above its own image
+    t2i[0, 4] = 0.6  # caption 4 (image 2, 0.5) now ranks image 0 first: its R@1 — the only one in SIMS — is lost
+    t2i[0, 2] = 0.95  # read image → text, caption 2 would outrank image 0's own captions: it must not be read so
     recalls = retrieval_recalls(SIMS, TXT2IMG, sims_t2i=t2i)
-    assert recalls["tr_r1"] == pytest.approx(100 / 3) and recalls["ir_r1"] == pytest.approx(100 / 6)
+    assert recalls["ir_r1"] == 0.0  # 100 / 6 if sims_t2i were ignored
+    assert recalls["tr_r1"] == pytest.approx(100 / 3)  # 0 if image → text read sims_t2i
 
 
 @pytest.mark.parametrize("seed", range(5))

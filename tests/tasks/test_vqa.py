@@ -76,11 +76,22 @@ def test_vocab_and_soft_targets(tmp_path):
     examples, _ = read_vqa_split(tmp_path, "val2014", TEMPLATE)
     vocab = VQAAnswerVocab.from_examples(examples, top_k=10)
     assert vocab.answers == ["3", "red"]  # equal counts: alphabetical
-    # "2"/"two" normalise to the same answer (4 annotators → 1.0); "3" has 6 → 1.0
+    # "3" has 6 annotators → 1.0 ("2"/"two" are outside this vocabulary)
     assert vocab.soft_targets(examples[1].answers) == {vocab.index["3"]: 1.0}
     targets = vocab.soft_targets(examples[0].answers)
-    assert targets == {vocab.index["red"]: 1.0}  # "Red" normalises to "red"; "dark red" is not in the vocabulary
+    assert targets == {vocab.index["red"]: 1.0}  # "dark red" is not in the vocabulary
     assert VQAAnswerVocab.from_examples(examples, top_k=1).answers == ["3"]
+
+
+def test_soft_targets_count_normalised_answers():
+    vocab = VQAAnswerVocab(["2", "red", "yes"])
+    # 2 × "Red" + 2 × "red" are 4 matches → 1.0; unnormalised, 2 matches would give 0.6
+    assert vocab.soft_targets(["Red", "Red", "red", "red"] + ["blue"] * 6) == {vocab.index["red"]: 1.0}
+    # "two" is the official "2": 4 matches → 1.0 (2 → 0.6); "3" is out of the vocabulary
+    assert vocab.soft_targets(["2", "2", "two", "two"] + ["3"] * 6) == {vocab.index["2"]: 1.0}
+    # 1 match of 10: the mean over leave-one-out subsets, 9/10 · 1/3 = 0.3; 3 matches → (3 · 2/3 + 7) / 10 = 0.9
+    assert vocab.soft_targets(["yes"] + ["no"] * 9) == {vocab.index["yes"]: pytest.approx(0.3)}
+    assert vocab.soft_targets(["yes"] * 3 + ["no"] * 7) == {vocab.index["yes"]: pytest.approx(0.9)}
 
 
 def test_unannotated_split_reads_questions_only(tmp_path):
