@@ -1,8 +1,10 @@
 """The shared runner end to end at tiny scale: the record it writes, every registered model, exact resume."""
 
+import hashlib
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +42,14 @@ def test_tiny_albef_run_writes_a_complete_record(make_cfg, tmp_path):
     predictions = json.loads((run_dir / "predictions_test.json").read_text())
     assert predictions and set(predictions[0]) == {"question_id", "answer"}
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["params"] == result["params"] and manifest["data_fingerprint"]
+    assert manifest["params"] == result["params"]
+    # the data fingerprint: sha256 over the data root's JSON files (names and bytes), and each file's own
+    data_files = sorted(Path(manifest["data_root"]).glob("*.json"))
+    combined = hashlib.sha256()
+    for path in data_files:
+        combined.update(path.name.encode() + path.read_bytes())
+    assert manifest["data_fingerprint"] == combined.hexdigest()[:16]
+    assert manifest["data_files"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in data_files}
     assert manifest["augmentation"] == "none" and manifest["image_size"] == 64
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in lines if "train/loss" in entry] == [1, 2, 3, 4]

@@ -152,15 +152,20 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def file_fingerprint(paths: list[Path]) -> str:
-    """sha256 over the given files' bytes (the dataset's question/annotation files)."""
+def file_fingerprints(paths: list[Path]) -> tuple[str, dict[str, str]]:
+    """(sha256 over the files' names and bytes — the dataset's question/annotation files —, {file name: sha256 of that
+    file}), in one read: when two runs' data fingerprints differ, the per-file hashes say which file did."""
     h = hashlib.sha256()
+    per_file = {}
     for p in sorted(paths):
         h.update(p.name.encode())
+        one = hashlib.sha256()
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-    return h.hexdigest()[:16]
+                one.update(chunk)
+        per_file[p.name] = one.hexdigest()[:16]
+    return h.hexdigest()[:16], per_file
 
 
 class RunRecord:

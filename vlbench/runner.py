@@ -62,7 +62,7 @@ from vlbench.results import (
     config_differences,
     config_hash,
     device_description,
-    file_fingerprint,
+    file_fingerprints,
     git_sha,
     package_versions,
     semantic_config,
@@ -526,6 +526,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             drop_entries_after(record.dir / "metrics.jsonl", step)
 
     data_files = sorted(p for p in data_root.glob("*.json") if p.is_file())
+    data_fingerprint, data_file_hashes = file_fingerprints(data_files)
     logger = build_logger(cfg.logger, record.dir, cfg) if main else NullLogger()
     manifest = {
         "git_sha": git_sha(),
@@ -536,7 +537,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "data_parallel": ("fsdp" if tcfg.fsdp else "ddp") if procs.distributed else None,
         "activation_checkpointing": tcfg.activation_checkpointing,
         "data_root": str(data_root),
-        "data_fingerprint": file_fingerprint(data_files),
+        "data_fingerprint": data_fingerprint,
+        "data_files": data_file_hashes,
         "task": task.describe(),
         "params": params,
         "trainable_params": trainable,
