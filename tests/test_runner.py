@@ -43,8 +43,10 @@ def test_tiny_albef_run_writes_a_complete_record(make_cfg, tmp_path):
     assert predictions and set(predictions[0]) == {"question_id", "answer"}
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["params"] == result["params"]
-    # the data fingerprint: sha256 over the data root's JSON files (names and bytes), and each file's own
-    data_files = sorted(Path(manifest["data_root"]).glob("*.json"))
+    # the data fingerprint: sha256 over the data root's JSON files (names and bytes), and each file's own; the box file
+    # a region model's extraction may have merged there is not the dataset's
+    data_files = sorted(p for p in Path(manifest["data_root"]).glob("*.json") if p.name != "regions.sceneGraphs.json")
+    assert len(data_files) >= 6
     combined = hashlib.sha256()
     for path in data_files:
         combined.update(path.name.encode() + path.read_bytes())

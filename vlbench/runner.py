@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from vlbench.data.sources import resolve_data_root
+from vlbench.data.sources import dataset_json_files, resolve_data_root
 from vlbench.data.text import load_tokenizer
 from vlbench.distributed import (
     copy_gathered_state,
@@ -525,8 +525,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if main:  # steps logged after the checkpoint will run again: the log keeps one entry per step
             drop_entries_after(record.dir / "metrics.jsonl", step)
 
-    data_files = sorted(p for p in data_root.glob("*.json") if p.is_file())
-    data_fingerprint, data_file_hashes = file_fingerprints(data_files)
+    data_fingerprint, data_file_hashes = file_fingerprints(dataset_json_files(data_root))
     logger = build_logger(cfg.logger, record.dir, cfg) if main else NullLogger()
     manifest = {
         "git_sha": git_sha(),

@@ -410,3 +410,22 @@ def test_channels_last_extraction_equals_contiguous_and_is_recorded(tmp_path, im
     assert fast.meta["settings"]["channels_last"] and not plain.meta["settings"]["channels_last"]
     for key in plain:
         np.testing.assert_allclose(fast[key].features, plain[key].features, atol=1e-5, rtol=1e-3)
+
+
+def test_region_extraction_on_the_synthetic_world_leaves_its_data_fingerprint_unchanged(tmp_path):
+    """A run's data fingerprint covers the dataset's own files: the merged box file that extraction writes beside them
+    must not change it, or a machine where a region model ran first records different data for the same world."""
+    from omegaconf import OmegaConf
+
+    from vlbench.data.sources import MERGED_BOXES_FILE, dataset_json_files, synthetic_region_store
+    from vlbench.data.synthetic import SyntheticConfig, ensure_world
+    from vlbench.results import file_fingerprints
+
+    config = SyntheticConfig(images={"train": 8, "val": 4, "test": 4}, questions_per_image=2)
+    folder = ensure_world(config, "vqav2", tmp_path)
+    before = file_fingerprints(dataset_json_files(folder))
+    assert "v2_mscoco_train2014_annotations.json" in before[1] and "train_sceneGraphs.json" in before[1]
+    data_cfg = OmegaConf.create({"region_backbone": "pixels", "region_roi_size": 7, "image_size": 64})
+    synthetic_region_store(data_cfg, folder)
+    assert (folder / MERGED_BOXES_FILE).is_file()
+    assert file_fingerprints(dataset_json_files(folder)) == before

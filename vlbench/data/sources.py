@@ -10,6 +10,10 @@ from omegaconf import DictConfig
 from vlbench.data.synthetic import SyntheticConfig, ensure_world
 from vlbench.errors import VlbenchError
 
+# the scene graphs of every split merged into one box file, written by ``synthetic_region_store`` beside the dataset's
+# own files: derived, so it is not part of the data a run's fingerprint covers
+MERGED_BOXES_FILE = "regions.sceneGraphs.json"
+
 
 def synthetic_config(data_cfg: DictConfig) -> SyntheticConfig:
     """The world's parameters: each ``SyntheticConfig`` field is the ``data.<field>`` of the same name."""
@@ -32,6 +36,13 @@ def resolve_data_root(data_cfg: DictConfig, data_format: str = "vqav2") -> Path:
     if next(root.iterdir(), None) is None:  # say so, rather than name the first of many files that are missing
         raise VlbenchError(f"data.root={root}: the directory is empty (expected the dataset's official files there)")
     return root
+
+
+def dataset_json_files(data_root: Path) -> list[Path]:
+    """The data root's own JSON files, sorted: what a run's data fingerprint covers. The merged box file that region
+    extraction writes there is left out, so two machines with the same data record the same fingerprint whether or not
+    a region model has run on one of them first."""
+    return sorted(p for p in Path(data_root).glob("*.json") if p.is_file() and p.name != MERGED_BOXES_FILE)
 
 
 def synthetic_region_store(data_cfg: DictConfig, format_dir: Path) -> Path:
@@ -59,6 +70,8 @@ def synthetic_region_store(data_cfg: DictConfig, format_dir: Path) -> Path:
         return store
     graphs: dict = {}
     for path in sorted(format_dir.glob("*sceneGraphs.json")):
+        if path.name == MERGED_BOXES_FILE:
+            continue
         with open(path, encoding="utf-8") as f:
             graphs.update(json.load(f))
     if not graphs:
@@ -69,7 +82,7 @@ def synthetic_region_store(data_cfg: DictConfig, format_dir: Path) -> Path:
     for name, labels in (("objects_vocab.txt", SHAPES), ("attributes_vocab.txt", [*COLORS, *SIZES])):
         if not (format_dir / name).is_file():
             (format_dir / name).write_text("".join(f"{label}\n" for label in labels))
-    boxes_path = format_dir / "regions.sceneGraphs.json"
+    boxes_path = format_dir / MERGED_BOXES_FILE
     if not boxes_path.is_file():
         handle, tmp = tempfile.mkstemp(dir=format_dir, prefix=".boxes-")
         with os.fdopen(handle, "w", encoding="utf-8") as f:
