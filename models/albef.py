@@ -23,6 +23,11 @@ Choices the paper leaves open, and ours:
 - The queue is a ring buffer that wraps around, so its size need not be a multiple of the batch size (the reference
   asserts divisibility).
 - The shared-head joint encoding is the fusion encoder's [CLS] state (ALBEF has no pooler on the fusion output).
+- MLM never masks [SEP] (the masking code every model shares, as BERT and LXMERT); the reference ALBEF excludes only
+  padding and [CLS], so its [SEP] can be masked.
+- Gradient accumulation (``trainer.grad_accum_steps``, the paper's 8-GPU batches on one device): the momentum EMA
+  runs on the first micro-batch of each optimizer step only, as the reference runs it once per iteration; the
+  queues take every micro-batch's features.
 - Nothing is pre-trained or downloaded by default; the paper's initialisation comes from a user's local files:
   ``model.vit_init`` (timm ViT / DeiT weights), ``model.bert_init`` (BERT-base), or ``model.init_checkpoint`` (the
   official ALBEF release), with the key map in ``models/albef_checkpoint.py``.
@@ -36,8 +41,15 @@ prediction ranks the candidate answers: top ``answer_rank_k`` by first-token pro
 Native NLVR2 head (``head=native``): every fusion layer reads both images (``TwinCrossAttentionLayer``: one
 cross-attention per image, both starting as the pre-trained one, merged by a linear layer — ``nlvr_merge``), an MLP on
 [CLS] classifies; ``task=nlvr2_ta`` trains the same head on text assignment first (first / second / neither image,
-hard negatives by ITC similarity), and ``init_from`` carries it to NLVR2. Our choices: the model's single-image fusion
-layers stay in the checkpoint unused by this head; no momentum distillation for NLVR2 (as the reference's NLVR config).
+hard negatives by image–image similarity, as the reference), and ``init_from`` carries it to NLVR2. Deviations from
+the reference, both open:
+- The two-image layer is BLIP's (``blip_nlvr.py``: parallel cross-attentions, merged), not ALBEF's own: the official
+  ``model_nlvr.py`` turns each fusion layer into two consecutive full blocks (self-attention, cross-attention,
+  feed-forward; 18 BERT layers), the first reading image 1 and the second image 2, starting from the same weights and
+  sharing the cross-attention key/value projections (``share_cross_attention``). The model's single-image fusion
+  layers stay in the checkpoint unused by this head.
+- No momentum distillation for NLVR2: the reference's NLVR config distils the classifier from a momentum copy
+  (``distill: True``, alpha 0.4); this head trains on the hard labels only.
 """
 
 from __future__ import annotations
@@ -249,7 +261,7 @@ class ALBEF(VisionLanguageModel):
         text_tokens, text_feat = self.online.encode_text(input_ids, attention_mask)
 
         with torch.no_grad():
-            if self.training:
+            if self.training and self.first_micro_batch:
                 self.momentum_step()
             image_tokens_m, image_feat_m = self.momentum_model.encode_image(batch["pixel_values"])
             _, text_feat_m = self.momentum_model.encode_text(input_ids, attention_mask)
@@ -374,7 +386,7 @@ class AlbefAnswerHead(GenerativeAnswerHead):
         teacher, alpha = None, model.alpha_at(step)
         if model.cfg.distill:
             with torch.no_grad():
-                if self.training:
+                if self.training and model.first_micro_batch:
                     model.momentum_step()
                     momentum_update(self.decoder, self.decoder_m, self.momentum)
                 fused_m = model.fused_tokens(batch, momentum=True)
@@ -423,10 +435,12 @@ class AlbefTwoImageHead(TwoImageHead):
     def assignment_logits(self, model: ALBEF, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         towers = model.online
         image_tokens, image_feat = towers.encode_image(batch["pixel_values"])
-        text_tokens, text_feat = towers.encode_text(batch["input_ids"], batch["attention_mask"])
+        text_tokens = towers.text_encoder(batch["input_ids"], batch["attention_mask"])
         ids = batch.get("image_ids")
         same_image = None if ids is None else ids.view(-1, 1) == ids.view(1, -1)
-        sim_t2i = text_feat @ image_feat.t() / model.temp.detach()
-        first, second, labels = text_assignment_pairs(sim_t2i, same_image)
+        # hard negatives as the reference's (model_pretrain_nlvr.py): images like the pair's own, by the similarity of
+        # their ITC features at a fixed temperature of 0.07
+        sim_i2i = image_feat @ image_feat.t() / 0.07
+        first, second, labels = text_assignment_pairs(sim_i2i.detach(), same_image)
         pooled = self.fuse(text_tokens, batch["attention_mask"], (image_tokens[first], image_tokens[second]))
         return self.ta_head(pooled), labels

@@ -81,6 +81,10 @@ class VisionLanguageModel(nn.Module):
 
     visual_input: ClassVar[str] = "pixels"  # pixels | regions | none
     hidden_size: int
+    # False for the 2nd…k-th micro-batch of an accumulated optimizer step (set by the runner): state that the reference
+    # updates once per iteration (ALBEF's momentum EMA) is updated on the first only, so accumulating k micro-batches
+    # behaves like one k-times larger batch and not like k iterations
+    first_micro_batch: bool = True
 
     def encode(self, batch: Batch) -> JointEncoding:
         raise NotImplementedError

@@ -232,20 +232,21 @@ def enqueue(queue: torch.Tensor, start: int, features: torch.Tensor) -> None:
 
 
 def text_assignment_pairs(
-    sim_t2i: torch.Tensor, same_image: torch.Tensor | None = None
+    similarity: torch.Tensor, same_image: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ALBEF's text-assignment batches: for each text an image pair and a label, uniform over three cases —
     0: (its image, a negative), 1: (a negative, its image), 2: (two different negatives) — negatives drawn
-    ∝ softmax(text→image similarity) over the batch, never the text's own image.
+    ∝ softmax(similarity) over the batch, never the text's own image.
 
-    sim_t2i: (B, ≥B), first B columns the in-batch images; ``same_image`` (B, B) marks images equal to the text's.
+    similarity: (B, ≥B), row b scoring the in-batch images (first B columns) as negatives for pair b (the reference
+    uses its own image's similarity to the others); ``same_image`` (B, B) marks images equal to the text's.
     Returns (first image index, second image index, label), each (B,).
     """
-    batch = sim_t2i.shape[0]
+    batch = similarity.shape[0]
     if batch < 3:
         raise ValueError("text assignment needs a batch of at least 3 pairs (two negatives per text)")
     with torch.no_grad():
-        weights = F.softmax(sim_t2i[:, :batch].float(), dim=1) + 1e-4
+        weights = F.softmax(similarity[:, :batch].float(), dim=1) + 1e-4
         own = torch.eye(batch, dtype=torch.bool, device=weights.device)
         if same_image is not None:
             own = own | same_image

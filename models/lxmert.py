@@ -22,8 +22,8 @@ What we follow (see ../shared/specs/lxmert.md); weights of the reference load un
   - ``matched``: with probability ``matching_probability`` a pair's sentence is replaced by another pair's; 2-way
     cross-entropy on the pooled output.
   - ``qa``: on matched pairs that have answers, cross-entropy against ONE answer drawn ∝ its soft score (the
-    reference samples the answer; it is not BCE), from ``qa_start_step`` on (the paper: the last 10 of 20 epochs).
-    The paper also doubles the QA loss then: ``task.loss_weights.qa`` does that.
+    reference samples the answer; it is not BCE), from ``qa_start_step`` or ``qa_start_epochs`` on (the paper: the
+    last 10 of 20 epochs). The paper also doubles the QA loss then: ``task.loss_weights.qa`` does that.
 - Heads: VQA/GQA native = the reference's ``logit_fc`` (Linear(H, 2H) → GELU → LayerNorm → Linear) over the pooled
   output; NLVR2 native = the same MLP over the two pooled outputs concatenated (Linear(2H, 2H) → … → 2).
 
@@ -49,6 +49,7 @@ Choices the paper leaves open, and ours:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,11 +321,16 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
             shard=shard,
         )
 
+    def qa_start(self) -> int:
+        """The first step with the QA objective: ``qa_start_epochs`` passes over the training split when set (the
+        paper's unit), else ``qa_start_step``."""
+        if self.cfg.qa_start_epochs > 0 and self.ctx.steps_per_epoch > 0:
+            return math.ceil(self.cfg.qa_start_epochs * self.ctx.steps_per_epoch)
+        return self.cfg.qa_start_step
+
     def qa_enabled(self, batch: Batch, step: int) -> bool:
         """QA trains when the model has the head, the step has come, and the batch carries answers."""
-        return (
-            self.qa_head is not None and step >= self.cfg.qa_start_step and "qa_targets" in batch and "qa_mask" in batch
-        )
+        return self.qa_head is not None and step >= self.qa_start() and "qa_targets" in batch and "qa_mask" in batch
 
     def losses_from(self, inputs: PretrainInputs) -> dict[str, torch.Tensor]:
         """Every objective from one forward pass over the corrupted batch (deterministic given ``inputs``). Losses

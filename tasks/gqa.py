@@ -5,7 +5,13 @@ Protocol (recorded in every run): the answer vocabulary is the top-K exact answe
 the pooled joint encoding) trained with softmax cross-entropy on the single gold answer (questions whose answer is
 outside the vocabulary are not trained on, and count as wrong when scored); predictions are the arg-max answer;
 scores come from ``tasks/gqa_eval.py`` (a mirror of the official eval.py): accuracy over balanced questions,
-binary/open, per structural and semantic type, per length and reasoning steps, consistency over entailed questions.
+binary/open, per structural and semantic type, per length and reasoning steps, distribution, and:
+- consistency over the entailed questions *that are in the balanced file*: the official number needs predictions for
+  ``<split>_all_questions.json`` (most entailed questions are unbalanced), which we do not predict, so ours is the
+  balanced subset's and cannot equal the official figure on real GQA (on the synthetic world every entailed question
+  is balanced, so there it is complete);
+- validity and plausibility when the folder holds the split's ``<split>_choices.json`` (eval.py's
+  ``{tier}_choices.json``); without it they are not reported.
 """
 
 from __future__ import annotations
@@ -60,6 +66,19 @@ def read_gqa_split(root: Path, subtype: str, image_template: str) -> GQASplit:
     if not ids:
         raise VlbenchError(f"{path}: no questions (an empty split)")
     return GQASplit(ids, doc, paths)
+
+
+def read_gqa_choices(root: Path, subtype: str) -> dict[str, dict] | None:
+    """``<subtype>_choices.json`` — per question its ``valid`` and ``plausible`` answers — or None when absent."""
+    path = root / f"{subtype}_choices.json"
+    if not path.is_file():
+        return None
+    doc = read_json(path)
+    if not isinstance(doc, dict):
+        raise VlbenchError(f"{path}: expected a JSON object keyed by question id (official GQA choices format)")
+    for qid, choice in doc.items():
+        require_fields(choice, {"valid": list, "plausible": list}, path, f"question {qid}")
+    return doc
 
 
 @TASKS.register("gqa")
@@ -140,7 +159,11 @@ class GQATask(Task):
         data = self._splits[split]
         by_qid = {p["questionId"]: p["prediction"] for p in predictions}
         scored = {q: data.questions[q] for q in data.question_ids}
-        scores = evaluate_gqa(scored, by_qid)
+        subtype = self.files.splits[split]
+        choices = read_gqa_choices(self.data_root, subtype)
+        if choices is not None and (missing := next((q for q in scored if q not in choices), None)) is not None:
+            raise VlbenchError(f"{self.data_root / f'{subtype}_choices.json'}: no choices for question {missing}")
+        scores = evaluate_gqa(scored, by_qid, choices)
         metrics = {k: v for k, v in scores.metrics.items() if v is not None}
         for group in ("structural", "semantic"):
             metrics.update({f"accuracy/{k}": v for k, v in sorted(scores.breakdown[group].items())})

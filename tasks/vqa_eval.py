@@ -5,7 +5,10 @@ answers bug"). Our numbers must equal the official script's on the same predicti
   ``re.sub`` gets ``re.UNICODE`` (32) as its *count* argument, so at most 32 periods are removed;
 - punctuation/digit/article processing is applied (to the 10 answers and the prediction) only when the 10
   ground-truth answers are not all identical;
-- accuracy is the mean over the 10 leave-one-out subsets of min(1, matches among the other 9 / 3).
+- accuracy is the mean over the 10 leave-one-out subsets of min(1, matches among the other 9 / 3), summed in the
+  answers' order (so equal to the script's float to the last bit, not only up to rounding);
+- percentages are rounded as Python 2's ``round`` (the script's interpreter) does: exact halves away from zero
+  (Python 3's ``round`` takes them to even: 3.125 → 3.12 instead of the script's 3.13).
 The answer-id comparison the script uses to leave one answer out is replaced by leaving out by position, which is
 the same for real data (answer ids are unique within a question).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 
 CONTRACTIONS = {
@@ -194,13 +198,22 @@ def leave_one_out_accuracy(matches: int, total: int) -> float:
 
 
 def question_accuracy(prediction: str, gt_answers: list[str]) -> float:
-    """Accuracy of one prediction against its ground-truth answers, exactly as the official evaluator computes it."""
+    """Accuracy of one prediction against its ground-truth answers, exactly as the official evaluator computes it:
+    the leave-one-out terms summed in the answers' order (``leave_one_out_accuracy`` is the same up to the last bit)."""
     gts = [clean_whitespace(a) for a in gt_answers]
     pred = clean_whitespace(prediction)
     if len(set(gts)) > 1:
         gts = [process_digit_article(process_punctuation(a)) for a in gts]
         pred = process_digit_article(process_punctuation(pred))
-    return leave_one_out_accuracy(sum(a == pred for a in gts), len(gts))
+    matched = [a == pred for a in gts]
+    matches = sum(matched)
+    return sum(min(1.0, (matches - left_out) / 3) for left_out in matched) / len(matched)
+
+
+def round_like_python2(value: float, digits: int = 2) -> float:
+    """The official script's ``round`` (Python 2): the float's exact value to ``digits`` decimals, halves away from
+    zero."""
+    return float(Decimal(value).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
 
 
 @dataclass
@@ -229,7 +242,7 @@ def evaluate_vqa(annotations: Iterable[Mapping], predictions: Mapping[int, str])
         raise ValueError("no annotated questions to evaluate")
 
     def pct(values: list[float]) -> float:
-        return round(100 * sum(values) / len(values), 2)
+        return round_like_python2(100 * sum(values) / len(values))
 
     return VQAScores(
         overall=pct(list(per_question.values())),

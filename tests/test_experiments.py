@@ -28,11 +28,46 @@ def test_albef_paper_configurations(experiment):
     assert cfg.model.text.hidden_size == 768 and cfg.model.vit_depth == 12
     assert cfg.model.text_layers == 6 and cfg.model.fusion_layers == 6 and cfg.model.embed_dim == 256
     assert cfg.model.queue_size == 65536 and cfg.model.momentum == 0.995 and cfg.model.temperature == 0.07
+    assert cfg.model.alpha == 0.4 and cfg.model.alpha_warmup_epochs == 1
+    # the reference's tokenizer lengths: 25 for pre-training, VQA and text assignment, 30 for retrieval (its NLVR2
+    # does not truncate: the data config's length applies)
+    if task != "nlvr2":
+        assert cfg.data.max_text_len == (30 if task == "retrieval" else 25)
     if experiment == "albef_retrieval_coco":
         assert cfg.task.rerank_k == 256
     if experiment == "albef_retrieval_flickr":
         assert cfg.task.rerank_k == 128
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+LXMERT_PAPER = {  # experiment: (task, lr, epochs, batch, warm-up ratio, gradient clipping) — airsplay/lxmert run/*.bash
+    "lxmert_pretrain": ("pretrain", 1e-4, 20, 256, 0.05, 1.0),
+    "lxmert_vqa": ("vqa", 5e-5, 4, 32, 0.1, 5.0),
+    "lxmert_gqa": ("gqa", 1e-5, 4, 32, 0.1, 5.0),
+    "lxmert_nlvr2": ("nlvr2", 5e-5, 4, 32, 0.1, 5.0),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(LXMERT_PAPER))
+def test_lxmert_paper_configurations(experiment):
+    cfg = _compose(f"+experiment={experiment}")
+    task, lr, epochs, batch, warmup, clip = LXMERT_PAPER[experiment]
+    assert cfg.model.name == "lxmert" and cfg.task.name == task and cfg.scale.name == "base"
+    assert (cfg.model.l_layers, cfg.model.r_layers, cfg.model.x_layers) == (9, 5, 5)
+    assert cfg.model.text.hidden_size == 768 and cfg.model.visual_feature_dim == 2048 and cfg.data.max_text_len == 20
+    t = cfg.trainer
+    assert t.lr == pytest.approx(lr) and t.epochs == epochs and t.batch_size * t.grad_accum_steps == batch
+    assert t.schedule == "linear" and t.warmup_steps == 0 and t.warmup_ratio == warmup and t.min_lr_ratio == 0.0
+    assert t.clip_grad_norm == clip and t.weight_decay == 0.01
+    # fine-tuning from a pre-training run keeps the paper's lr; QA joins pre-training for its last 10 epochs
+    assert t.finetune_lr in (None, pytest.approx(lr))
+    assert cfg.model.qa_start_epochs == (10 if task == "pretrain" else 0)
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_albef_ramps_alpha_over_the_first_epoch_except_at_tiny_scale():
+    assert _compose("model=albef", "scale=base").model.alpha_warmup_epochs == 1  # the paper
+    assert _compose("model=albef", "scale=tiny").model.alpha_warmup_epochs == 0  # as the reference grid ran
 
 
 def test_an_epoch_budget_becomes_steps_and_ramps_alpha(make_cfg, tmp_path):

@@ -220,3 +220,37 @@ def test_text_assignment_needs_a_native_two_image_head(make_cfg, tmp_path):
         run(make_cfg("model=albef", "task=nlvr2_ta", "head=shared", *SMALL_FORMATS), tmp_path / "a")
     with pytest.raises(VlbenchError, match="no native head for task nlvr2_ta"):
         run(make_cfg("model=textonly", "task=nlvr2_ta", "head=native", *SMALL_FORMATS), tmp_path / "b")
+
+
+def test_gqa_reports_validity_and_plausibility_from_a_choices_file(make_cfg, tmp_path):
+    """eval.py's ``{tier}_choices.json`` beside the questions: validity/plausibility are computed (and absent without
+    it, as in test_gqa); a question missing from the file is named."""
+    import shutil
+
+    cfg = make_cfg("model=majority", "task=gqa", *SMALL_FORMATS)
+    root = tmp_path / "gqa"
+    shutil.copytree(resolve_data_root(cfg.data, "gqa"), root)
+    every_answer = sorted(
+        {
+            q["answer"]
+            for split in ("train", "val", "testdev")
+            for q in json.loads((root / f"{split}_balanced_questions.json").read_text()).values()
+        }
+    )
+    for split in ("val", "testdev"):
+        questions = json.loads((root / f"{split}_balanced_questions.json").read_text())
+        # "valid": every answer the model can give; "plausible": the gold answer only, so plausibility is the accuracy
+        # (the world has no "what do they have in common" questions, which eval.py checks against attribute kinds)
+        choices = {qid: {"valid": every_answer, "plausible": [q["answer"]]} for qid, q in questions.items()}
+        (root / f"{split}_choices.json").write_text(json.dumps(choices))
+    cfg.data.root = str(root)
+    result = run(cfg, tmp_path / "run")
+    assert result["metrics"]["validity"] == 100.0
+    assert result["metrics"]["plausibility"] == pytest.approx(result["metrics"]["accuracy"])
+    del choices[next(iter(choices))]
+    (root / "testdev_choices.json").write_text(json.dumps(choices))
+    with pytest.raises(VlbenchError, match=r"testdev_choices.json: no choices for question"):
+        run(cfg, tmp_path / "again")
+    (root / "testdev_choices.json").write_text(json.dumps({"q": {"valid": "yes", "plausible": []}}))
+    with pytest.raises(VlbenchError, match=r"testdev_choices.json: question q has valid='yes'"):
+        run(cfg, tmp_path / "bad")

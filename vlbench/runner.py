@@ -691,6 +691,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             loss_sum = 0.0
             terms: dict[str, float] = {}
             for micro in range(tcfg.grad_accum_steps):
+                net.model.first_micro_batch = micro == 0
                 batch = to_device(next(stream), device)
                 # DDP averages gradients over processes once per step, on the last micro-batch's backward
                 accumulate = procs.distributed and not sharded and micro < tcfg.grad_accum_steps - 1

@@ -245,6 +245,7 @@ class LxmertModelConfig(ModelConfig):
     visual_loss_normalizer: float = 6.67  # multiplies each masked-object loss (≈ 1 / object_mask_probability)
     label_all_regions: bool = True  # obj/attr labels on every region (reference code) | only masked ones (paper)
     qa_start_step: int = 0  # QA objective from this step on (the paper: the second half of pre-training)
+    qa_start_epochs: float = 0.0  # ... or from this many passes over the training split (paper: 10 of 20); wins if > 0
     init_checkpoint: str | None = None  # a local reference checkpoint (original release or transformers) to load
 
 

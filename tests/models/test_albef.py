@@ -172,3 +172,29 @@ def test_mask_tokens_bert_recipe():
     replaced_by_mask = (masked == 4) & chosen
     assert 0.75 < replaced_by_mask.sum() / chosen.sum() < 0.85
     assert torch.equal(masked[~chosen], ids[~chosen])
+
+
+def test_momentum_encoders_move_once_per_optimizer_step_under_gradient_accumulation(make_cfg, tmp_path):
+    """With k accumulated micro-batches the momentum EMA runs once per optimizer step, as the reference runs it once
+    per iteration of the whole batch: after step 1 the momentum weights are m·θ₀ + (1 − m)·θ₁, not m^k·θ₀ + …"""
+    from safetensors.torch import load_file
+
+    from tests.test_tasks_end_to_end import SMALL_FORMATS
+    from vlbench.runner import run
+
+    common = ("model=albef", "task=pretrain", *SMALL_FORMATS, "trainer.batch_size=4", "trainer.grad_accum_steps=2")
+    run(make_cfg(*common, "trainer.max_steps=2", "trainer.stop_at_step=1"), tmp_path / "one")
+    run(make_cfg(*common, "trainer.max_steps=2"), tmp_path / "two")
+    after_one = load_file(tmp_path / "one" / "checkpoints" / "last.safetensors")
+    after_two = load_file(tmp_path / "two" / "checkpoints" / "last.safetensors")
+    m = make_cfg("model=albef").model.momentum
+    pairs = [(k, k.replace("momentum_model.", "online.")) for k in after_two if "momentum_model." in k]
+    pairs = [(k, online) for k, online in pairs if online in after_one and after_one[k].is_floating_point()]
+    assert len(pairs) > 20
+    # the EMA of step 0 was a no-op (momentum = online at initialisation), so one run's momentum weights are θ₀
+    moved = 0
+    for k, online in pairs:
+        theta0, theta1 = after_one[k], after_one[online]
+        torch.testing.assert_close(after_two[k], m * theta0 + (1 - m) * theta1, rtol=0, atol=1e-6)
+        moved += not torch.equal(theta0, theta1)
+    assert moved > 10  # the online weights did change at step 0, so twice m would have shown

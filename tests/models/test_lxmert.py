@@ -1,6 +1,8 @@
 """LXMERT: number-for-number equal to transformers' port (weights converted by key map), and its five pre-training
 objectives with their randomness (masking rates, mismatches, QA only on matched questions) and gradient routing."""
 
+import dataclasses
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -279,6 +281,10 @@ def test_qa_waits_for_its_step_and_needs_answers():
     captions_only = {k: v for k, v in batch.items() if not k.startswith("qa_")}
     assert "qa" not in model.pretrain_losses(captions_only, step=10)
     assert "qa" not in tiny_lxmert(num_qa_labels=0).pretrain_losses(batch, step=10)
+    by_epochs = tiny_lxmert(qa_start_step=0, qa_start_epochs=2.5)
+    by_epochs.ctx = dataclasses.replace(by_epochs.ctx, steps_per_epoch=4)  # epoch 2.5 of 4 steps: step 10
+    assert by_epochs.qa_start() == 10
+    assert "qa" not in by_epochs.pretrain_losses(batch, step=9) and "qa" in by_epochs.pretrain_losses(batch, step=10)
     with pytest.raises(VlbenchError, match="num_qa_labels"):
         model.pretrain_losses(dict(batch, qa_targets=torch.ones(6, QA + 1)), step=10)
     with pytest.raises(VlbenchError, match="region_attr_ids reach 5 but model.num_attr_labels=5"):

@@ -9,6 +9,7 @@ from vlbench.tasks.vqa_eval import (
     process_digit_article,
     process_punctuation,
     question_accuracy,
+    round_like_python2,
 )
 
 
@@ -105,3 +106,32 @@ def test_evaluate_requires_every_prediction():
         evaluate_vqa(
             [{"question_id": 7, "question_type": "x", "answer_type": "other", "answers": [{"answer": "a"}]}], {}
         )
+
+
+def test_question_accuracy_equals_the_official_loop_bit_for_bit_for_every_arrangement():
+    """The script sums the 10 leave-one-out terms in the answers' order; a closed form can differ in the last bit
+    (0.6 vs 0.6000000000000001), which can flip a rounded percentage."""
+    import itertools
+
+    for pattern in itertools.product([True, False], repeat=10):
+        answers = ["yes" if hit else "no" for hit in pattern]
+        gt_acc = []
+        for i in range(10):  # vqaEval.py: otherGTAns, matchingAns, min(1, float(len(matchingAns)) / 3)
+            others = [a for j, a in enumerate(answers) if j != i]
+            gt_acc.append(min(1, float(len([a for a in others if a == "yes"])) / 3))
+        assert question_accuracy("yes", answers) == float(sum(gt_acc)) / len(gt_acc), pattern
+
+
+def test_percentages_round_halves_away_from_zero_as_the_python2_script():
+    assert round_like_python2(3.125) == 3.13 and round(3.125, 2) == 3.12  # an exact binary half: Python 3 differs
+    assert round_like_python2(2.675) == 2.67  # 2.67499999…: not a half, as in Python 2
+    assert round_like_python2(12.5) == 12.5 and round_like_python2(0.0) == 0.0
+    # 32 unanimous questions, one answered right: 100 / 32 = 3.125 exactly → the script reports 3.13
+    annotations = [
+        {"question_id": i, "question_type": "is", "answer_type": "yes/no", "answers": [{"answer": "yes"}] * 10}
+        for i in range(32)
+    ]
+    scores = evaluate_vqa(annotations, {i: "yes" if i == 0 else "no" for i in range(32)})
+    assert (
+        scores.overall == 3.13 and scores.per_answer_type == {"yes/no": 3.13} and scores.per_question_type["is"] == 3.13
+    )
