@@ -38,18 +38,16 @@ causal self-attention and cross-attention to the fused question states; trained 
 their share of the soft scores, distilled from a momentum decoder reading the momentum encoders (``distill``/``alpha``);
 prediction ranks the candidate answers: top ``answer_rank_k`` by first-token probability, rescored by full likelihood.
 
-Native NLVR2 head (``head=native``): every fusion layer reads both images (``TwinCrossAttentionLayer``: one
-cross-attention per image, both starting as the pre-trained one, merged by a linear layer — ``nlvr_merge``), an MLP on
-[CLS] classifies; ``task=nlvr2_ta`` trains the same head on text assignment first (first / second / neither image,
-hard negatives by image–image similarity, as the reference), and ``init_from`` carries it to NLVR2. Deviations from
-the reference, both open:
-- The two-image layer is BLIP's (``blip_nlvr.py``: parallel cross-attentions, merged), not ALBEF's own: the official
-  ``model_nlvr.py`` turns each fusion layer into two consecutive full blocks (self-attention, cross-attention,
-  feed-forward; 18 BERT layers), the first reading image 1 and the second image 2, starting from the same weights and
-  sharing the cross-attention key/value projections (``share_cross_attention``). The model's single-image fusion
-  layers stay in the checkpoint unused by this head.
-- No momentum distillation for NLVR2: the reference's NLVR config distils the classifier from a momentum copy
-  (``distill: True``, alpha 0.4); this head trains on the hard labels only.
+Native NLVR2 head (``head=native``): every fusion layer reads both images; ``nlvr_merge=replicate`` (default) is
+ALBEF's own design (``model_nlvr.py``): each fusion layer becomes two consecutive full blocks (``TwinBlockLayer``),
+the first reading image 1 and the second image 2, both starting as the pre-trained layer and sharing the
+cross-attention key/value projections; ``linear``/``mean`` are BLIP's (``TwinCrossAttentionLayer``: one
+cross-attention per image in one block, merged by a linear layer or averaged). An MLP on [CLS] classifies;
+``task=nlvr2_ta`` trains the same head on text assignment first (first / second / neither image, hard negatives by
+image–image similarity, as the reference), and ``init_from`` carries it to NLVR2. The model's single-image fusion
+layers stay in the checkpoint unused by this head. Open deviation: no momentum distillation for NLVR2 (the
+reference's NLVR config distils the classifier from a momentum copy, ``distill: True``, alpha 0.4); this head trains
+on the hard labels only.
 """
 
 from __future__ import annotations
@@ -62,6 +60,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from vlbench.errors import VlbenchError
 from vlbench.models.albef_checkpoint import load_bert_weights, load_official_checkpoint, load_vit_weights
 from vlbench.models.answer_decoder import AnswerDecoder, answer_lm_loss, answer_pairs, pad_answers, rank_answers
 from vlbench.models.base import (
@@ -79,6 +78,7 @@ from vlbench.models.layers import (
     MaskedLMHead,
     TextEncoder,
     TransformerStack,
+    TwinBlockLayer,
     TwinCrossAttentionLayer,
     build_vit,
     init_bert_weights,
@@ -404,14 +404,19 @@ class AlbefAnswerHead(GenerativeAnswerHead):
 
 
 class AlbefTwoImageHead(TwoImageHead):
-    """ALBEF's NLVR2 head: twin-cross-attention copies of the fusion layers, an MLP (hidden → ReLU → 2) for NLVR2 and
-    a linear 3-way text-assignment head, both on the fused [CLS]."""
+    """ALBEF's NLVR2 head: two-image copies of the fusion layers (``nlvr_merge``: ALBEF's replicated block pairs, or
+    BLIP's parallel cross-attentions), an MLP (hidden → ReLU → 2) for NLVR2 and a linear 3-way text-assignment head,
+    both on the fused [CLS]."""
 
     def __init__(self, model: ALBEF):
         super().__init__()
         hidden = model.hidden_size
+        merge = model.cfg.nlvr_merge
+        if merge not in ("replicate", "linear", "mean"):
+            raise VlbenchError(f"model.nlvr_merge={merge!r}: expected replicate (ALBEF's), linear or mean (BLIP-style)")
         self.layers = nn.ModuleList(
-            TwinCrossAttentionLayer(layer, model.cfg.nlvr_merge) for layer in model.online.fusion_encoder.layer
+            TwinBlockLayer(layer) if merge == "replicate" else TwinCrossAttentionLayer(layer, merge)
+            for layer in model.online.fusion_encoder.layer
         )
         self.cls_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
         self.ta_head = nn.Linear(hidden, 3)

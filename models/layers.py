@@ -50,17 +50,20 @@ class MultiHeadAttention(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         causal: bool = False,
+        shared_key_value: MultiHeadAttention | None = None,
     ) -> torch.Tensor:
         """x: (B, L, H); context: (B, S, C) (x itself when None); context_mask: (B, S) with 1/True = attend;
-        causal: position i attends to positions ≤ i only (self-attention of a decoder)."""
+        causal: position i attends to positions ≤ i only (self-attention of a decoder); shared_key_value: another
+        attention whose key/value projections this one uses (ALBEF's NLVR2 block pairs share theirs)."""
         context = x if context is None else context
+        projections = self if shared_key_value is None else shared_key_value
         b, length, hidden = x.shape
         heads = self.num_heads
 
         def split(t: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, heads, T, H/heads)
             return t.view(b, t.shape[1], heads, hidden // heads).transpose(1, 2)
 
-        q, k, v = split(self.query(x)), split(self.key(context)), split(self.value(context))
+        q, k, v = split(self.query(x)), split(projections.key(context)), split(projections.value(context))
         attn_mask = None if context_mask is None else context_mask.bool()[:, None, None, :]
         if causal:
             lower = torch.ones(length, k.shape[2], dtype=torch.bool, device=x.device).tril()
@@ -138,22 +141,51 @@ class TransformerLayer(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         causal: bool = False,
+        shared_key_value: MultiHeadAttention | None = None,
     ) -> torch.Tensor:
         x = self.attention_output(self.attention(x, context_mask=mask, causal=causal), x)
         if self.has_cross_attention:
             if context is None:
                 raise ValueError("this layer has cross-attention: pass the other stream as `context`")
-            x = self.crossattention_output(self.crossattention(x, context, context_mask), x)
+            read = self.crossattention(x, context, context_mask, shared_key_value=shared_key_value)
+            x = self.crossattention_output(read, x)
         return self.output(F.gelu(self.intermediate(x)), x)
 
 
+class TwinBlockLayer(nn.Module):
+    """ALBEF's own two-image fusion layer (``model_nlvr.py``), built from a single-image ``TransformerLayer``: the
+    layer replicated into two consecutive full blocks (self-attention, cross-attention, feed-forward), the first
+    reading image 1 and the second image 2, both starting as the layer and sharing the cross-attention key/value
+    projections (the reference's ``share_cross_attention``). The second block uses the first's projections and keeps
+    none of its own, so no tensor is stored twice in a checkpoint."""
+
+    def __init__(self, layer: TransformerLayer):
+        super().__init__()
+        if not layer.has_cross_attention:
+            raise ValueError("a two-image block pair is built from a layer with cross-attention")
+        self.first = copy.deepcopy(layer)
+        self.second = copy.deepcopy(layer)
+        self.second.crossattention.key = None
+        self.second.crossattention.value = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        contexts: tuple[torch.Tensor, torch.Tensor],
+        context_masks: tuple[torch.Tensor | None, torch.Tensor | None],
+    ) -> torch.Tensor:
+        x = self.first(x, mask, contexts[0], context_masks[0])
+        return self.second(x, mask, contexts[1], context_masks[1], shared_key_value=self.first.crossattention)
+
+
 class TwinCrossAttentionLayer(nn.Module):
-    """A fusion layer that reads two images (ALBEF's NLVR2 layer), built from a single-image ``TransformerLayer``.
+    """BLIP's two-image fusion layer (``blip_nlvr.py``), built from a single-image ``TransformerLayer``.
 
     Self-attention and feed-forward are the layer's; its cross-attention and output projection are duplicated, one
-    per image, both starting as the layer's (the reference loads ``crossattention.self`` into ``self0``/``self1`` and
+    per image, both starting as the layer's (BLIP loads ``crossattention.self`` into ``self0``/``self1`` and
     ``output.dense`` into ``dense0``/``dense1``). The two reads are merged by a linear layer over their concatenation
-    (``merge="linear"``, the reference for fusion layers) or averaged (``"mean"``), then dropout, residual, LayerNorm.
+    (``merge="linear"``, BLIP's) or averaged (``"mean"``), then dropout, residual, LayerNorm.
     """
 
     def __init__(self, layer: TransformerLayer, merge: str = "linear"):
@@ -161,7 +193,7 @@ class TwinCrossAttentionLayer(nn.Module):
         if not layer.has_cross_attention:
             raise ValueError("a twin cross-attention layer is built from a layer with cross-attention")
         if merge not in ("linear", "mean"):
-            raise ValueError(f"merge={merge!r}: expected linear or mean")
+            raise ValueError(f"merge={merge!r}: expected linear or mean (replicate is TwinBlockLayer)")
         self.attention = copy.deepcopy(layer.attention)
         self.attention_output = copy.deepcopy(layer.attention_output)
         self.crossattention = nn.ModuleList(copy.deepcopy(layer.crossattention) for _ in range(2))

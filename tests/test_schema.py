@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
@@ -11,7 +13,7 @@ from tests.test_cli import TRAINER_KEYS
 from vlbench.errors import VlbenchError
 from vlbench.schema import SCHEMAS, check_known_keys
 
-EXPERIMENTS = ["albef_nlvr2", "albef_nlvr2_ta", "albef_pretrain", "albef_retrieval_coco", "albef_vqa", "suite"]
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 
 
 def composed(*overrides: str) -> DictConfig:

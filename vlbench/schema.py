@@ -220,7 +220,7 @@ class AlbefModelConfig(VitTextModelConfig):
     alpha_warmup_epochs: float = 0.0  # ... or over these epochs of the training split (the paper: 1); wins when > 0
     mlm_probability: float = 0.15
     answer_rank_k: int = 128  # native VQA: candidates rescored by full likelihood (top-k by first-token probability)
-    nlvr_merge: str = "linear"  # native NLVR2: the two images' cross-attention reads merged by a linear layer | mean
+    nlvr_merge: str = "replicate"  # native NLVR2: ALBEF's block pairs | linear | mean (BLIP's merged cross-attention)
     # initial weights from local files (never downloaded): timm ViT (e.g. DeiT-B/16), BERT, the official ALBEF release
     vit_init: str | None = None
     bert_init: str | None = None

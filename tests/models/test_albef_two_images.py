@@ -1,10 +1,11 @@
 """ALBEF's two-image fusion (NLVR2 native head) and text-assignment pairs."""
 
+import pytest
 import torch
 
 from tests.models.test_albef import make_batch, tiny_albef
 from vlbench.models.base import TextSizes
-from vlbench.models.layers import TransformerLayer, TwinCrossAttentionLayer
+from vlbench.models.layers import TransformerLayer, TwinBlockLayer, TwinCrossAttentionLayer
 from vlbench.models.losses import text_assignment_pairs
 
 SIZES = TextSizes(hidden_size=16, num_heads=2, intermediate_size=32, dropout=0.0, max_position_embeddings=8)
@@ -24,6 +25,50 @@ def test_twin_layer_starts_as_the_single_image_layer():
     assert linear.merge.weight.shape == (16, 32)
     assert torch.equal(linear.crossattention[0].key.weight, linear.crossattention[1].key.weight)
     assert linear.crossattention[0].key.weight is not linear.crossattention[1].key.weight  # trained apart
+
+
+def test_albef_block_pair_starts_as_the_layer_twice_and_shares_key_value():
+    """ALBEF's own NLVR2 layer: the fusion layer replicated into two blocks, image 1 then image 2, sharing the
+    cross-attention key/value projections (model_nlvr.py share_cross_attention)."""
+    torch.manual_seed(0)
+    layer = TransformerLayer(SIZES, cross_attention_size=16).eval()
+    pair = TwinBlockLayer(layer).eval()
+    x, image, other = torch.randn(2, 5, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    mask, image_mask = torch.ones(2, 5), torch.ones(2, 7)
+    out = pair(x, mask, (image, other), (image_mask, image_mask))
+    torch.testing.assert_close(out, layer(layer(x, mask, image, image_mask), mask, other, image_mask))
+    # one copy of the shared projections: the second block has none of its own, and both images train them
+    names = [n for n, _ in pair.named_parameters()]
+    assert "first.crossattention.key.weight" in names and not any("second.crossattention.key" in n for n in names)
+    assert "second.crossattention.query.weight" in names and "second.attention.key.weight" in names
+    assert len(set(map(id, pair.parameters()))) == len(names)  # nothing registered twice
+    other.requires_grad_(True)
+    read_second_only = torch.autograd.grad(pair(x, mask, (image, other), (image_mask, image_mask)).sum(), other)[0]
+    assert read_second_only.abs().sum() > 0  # image 2 reaches the output through the shared key/value
+    pair.train()
+    for p in pair.parameters():
+        p.grad = None
+    pair.second(x, mask, other, image_mask, shared_key_value=pair.first.crossattention).sum().backward()
+    assert pair.first.crossattention.key.weight.grad.abs().sum() > 0  # the second block's read trains them
+
+
+def test_native_nlvr2_head_follows_nlvr_merge_and_round_trips_a_checkpoint(tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    from vlbench.errors import VlbenchError
+
+    model = tiny_albef()
+    head = model.native_head("pair_classifier", 2)
+    assert all(isinstance(layer, TwinBlockLayer) for layer in head.layers)  # the default: ALBEF's design
+    save_model(head, str(tmp_path / "head.safetensors"))
+    again = model.native_head("pair_classifier", 2)
+    assert not load_model(again, str(tmp_path / "head.safetensors"))[0]  # no missing keys
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True))
+    model.cfg.nlvr_merge = "linear"
+    assert all(isinstance(layer, TwinCrossAttentionLayer) for layer in model.native_head("pair_classifier", 2).layers)
+    model.cfg.nlvr_merge = "concat"
+    with pytest.raises(VlbenchError, match=r"model.nlvr_merge='concat': expected replicate"):
+        model.native_head("pair_classifier", 2)
 
 
 def test_text_assignment_pairs_are_balanced_and_correct():
