@@ -45,9 +45,9 @@ cross-attention key/value projections; ``linear``/``mean`` are BLIP's (``TwinCro
 cross-attention per image in one block, merged by a linear layer or averaged). An MLP on [CLS] classifies;
 ``task=nlvr2_ta`` trains the same head on text assignment first (first / second / neither image, hard negatives by
 image–image similarity, as the reference), and ``init_from`` carries it to NLVR2. The model's single-image fusion
-layers stay in the checkpoint unused by this head. Open deviation: no momentum distillation for NLVR2 (the
-reference's NLVR config distils the classifier from a momentum copy, ``distill: True``, alpha 0.4); this head trains
-on the hard labels only.
+layers stay in the checkpoint unused by this head. With ``distill`` (the reference's NLVR config), NLVR2 trains on
+(1 − alpha) · cross-entropy + alpha · cross-entropy against the softmax of a momentum copy (encoders, two-image
+layers, classifier), as ``model_nlvr.py``; text assignment is not distilled (as ``model_pretrain_nlvr.py``).
 """
 
 from __future__ import annotations
@@ -422,20 +422,46 @@ class AlbefTwoImageHead(TwoImageHead):
         self.ta_head = nn.Linear(hidden, 3)
         init_bert_weights(self.cls_head)
         init_bert_weights(self.ta_head)
+        self.momentum = model.cfg.momentum
+        self.distill = model.cfg.distill
+        if self.distill:  # the NLVR2 teacher: EMA copies of the two-image layers and the classifier (model_nlvr.py)
+            self.layers_m = copy.deepcopy(self.layers).requires_grad_(False)
+            self.cls_head_m = copy.deepcopy(self.cls_head).requires_grad_(False)
 
-    def fuse(self, text_tokens, attention_mask, images: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The fused [CLS] (B, H) of a text with two images' tokens."""
+    def fuse(
+        self,
+        text_tokens,
+        attention_mask,
+        images: tuple[torch.Tensor, torch.Tensor],
+        layers: nn.ModuleList | None = None,
+    ) -> torch.Tensor:
+        """The fused [CLS] (B, H) of a text with two images' tokens (through ``layers``, default the online ones)."""
         masks = tuple(torch.ones(im.shape[:2], dtype=torch.bool, device=im.device) for im in images)
         x = text_tokens
-        for layer in self.layers:
+        for layer in self.layers if layers is None else layers:
             x = layer(x, attention_mask, images, masks)
         return x[:, 0]
 
-    def pair_logits(self, model: ALBEF, first: Batch, second: Batch) -> torch.Tensor:
-        towers = model.online
+    def _pair_logits(self, towers: AlbefTowers, layers, cls_head, first: Batch, second: Batch) -> torch.Tensor:
         images = tuple(towers.visual_encoder.forward_features(b["pixel_values"]) for b in (first, second))
         text = towers.text_encoder(first["input_ids"], first["attention_mask"])
-        return self.cls_head(self.fuse(text, first["attention_mask"], images))
+        return cls_head(self.fuse(text, first["attention_mask"], images, layers))
+
+    def pair_logits(self, model: ALBEF, first: Batch, second: Batch) -> torch.Tensor:
+        return self._pair_logits(model.online, self.layers, self.cls_head, first, second)
+
+    def pair_teacher(self, model: ALBEF, first: Batch, second: Batch, step: int) -> tuple[torch.Tensor, float] | None:
+        """The reference's NLVR2 distillation: logits of the momentum encoders, two-image layers and classifier
+        (updated first, once per optimizer step), weighted by ``alpha`` (ramped as in pre-training)."""
+        if not (self.training and self.distill):
+            return None
+        with torch.no_grad():
+            if model.first_micro_batch:
+                model.momentum_step()
+                momentum_update(self.layers, self.layers_m, self.momentum)
+                momentum_update(self.cls_head, self.cls_head_m, self.momentum)
+            teacher = self._pair_logits(model.momentum_model, self.layers_m, self.cls_head_m, first, second)
+        return teacher, model.alpha_at(step)
 
     def assignment_logits(self, model: ALBEF, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         towers = model.online

@@ -164,6 +164,12 @@ class TwoImageHead(nn.Module):
     def pair_logits(self, model: VisionLanguageModel, first: Batch, second: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def pair_teacher(
+        self, model: VisionLanguageModel, first: Batch, second: Batch, step: int
+    ) -> tuple[torch.Tensor, float] | None:
+        """In training, (teacher logits, weight) to distil ``pair_logits`` towards (ALBEF's momentum model), or None."""
+        return None
+
     def assignment_logits(self, model: VisionLanguageModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, 3), labels (B,)) for in-batch image pairs built around each caption."""
         raise NotImplementedError

@@ -29,6 +29,15 @@ LABELS = ("False", "True")  # class 1 = the statement is true
 
 
 @dataclass
+class DistilledLogits:
+    """A training forward's pair logits with the teacher's, and the teacher's weight in the loss."""
+
+    logits: torch.Tensor
+    teacher: torch.Tensor
+    alpha: float
+
+
+@dataclass
 class NLVR2Example:
     identifier: str
     sentence: str
@@ -118,16 +127,23 @@ class NLVR2Task(Task):
             )
         return self._datasets[split]
 
-    def forward(self, model: nn.Module, head: nn.Module, batch: Batch, step: int) -> torch.Tensor:
+    def forward(self, model: nn.Module, head: nn.Module, batch: Batch, step: int) -> torch.Tensor | DistilledLogits:
         first, second = select_image(batch, 0), select_image(batch, 1)
         if isinstance(head, TwoImageHead):  # the model's own fusion of both images (ALBEF)
-            return head.pair_logits(model, first, second)
+            logits = head.pair_logits(model, first, second)
+            teacher = head.pair_teacher(model, first, second, step)
+            return logits if teacher is None else DistilledLogits(logits, *teacher)
         return head([model.encode(first), model.encode(second)], batch)
 
     def build_shared_head(self, hidden_size: int) -> nn.Module:
         return PairClassifierHead(hidden_size, self.cfg.head_dropout)
 
-    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor | DistilledLogits, batch: Batch) -> torch.Tensor:
+        if isinstance(logits, DistilledLogits):  # (1 − alpha) · hard + alpha · soft cross-entropy (ALBEF's NLVR2)
+            hard = F.cross_entropy(logits.logits.float(), batch["labels"])
+            log_probs = F.log_softmax(logits.logits.float(), dim=-1)
+            soft = -(log_probs * F.softmax(logits.teacher.float(), dim=-1)).sum(dim=-1).mean()
+            return (1 - logits.alpha) * hard + logits.alpha * soft
         return F.cross_entropy(logits.float(), batch["labels"])
 
     def predict(self, logits: torch.Tensor, batch: Batch, split: str) -> list[dict]:

@@ -116,3 +116,46 @@ def test_albef_assignment_logits_and_labels():
     torch.nn.functional.cross_entropy(logits, labels).backward()
     assert head.ta_head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in head.cls_head.parameters())
+
+
+def test_nlvr2_distils_from_the_momentum_copy_as_the_reference():
+    """model_nlvr.py: loss = (1 − alpha) · CE(logits, y) − alpha · Σ log_softmax(logits) · softmax(teacher); the
+    teacher is the momentum encoders + momentum two-image layers + momentum classifier, updated once per step."""
+    import torch.nn.functional as F
+
+    from vlbench.tasks.nlvr2 import DistilledLogits, NLVR2Task
+
+    torch.manual_seed(0)
+    model = tiny_albef(alpha=0.4, alpha_warmup_steps=0, alpha_warmup_epochs=0).train()
+    head = model.native_head("pair_classifier", 2).train()
+    first, second = make_batch(), make_batch()
+    second["pixel_values"] = torch.randn_like(second["pixel_values"])
+    logits = head.pair_logits(model, first, second)
+    teacher, alpha = head.pair_teacher(model, first, second, step=0)
+    assert alpha == 0.4
+    torch.testing.assert_close(teacher, logits.detach())  # every copy starts as its online module
+    assert not teacher.requires_grad and all(not p.requires_grad for p in head.layers_m.parameters())
+    labels = torch.tensor([0, 1, 1, 0])
+    # the loss by hand, with a teacher that disagrees
+    other_teacher = torch.randn(4, 2)
+    expected = (
+        0.6 * F.cross_entropy(logits, labels)
+        - 0.4 * (F.log_softmax(logits, dim=1) * F.softmax(other_teacher, dim=1)).sum(dim=1).mean()
+    )
+    task = NLVR2Task.__new__(NLVR2Task)  # loss() reads nothing from the task's data
+    torch.testing.assert_close(task.loss(DistilledLogits(logits, other_teacher, 0.4), {"labels": labels}), expected)
+    # after the online weights move, the teacher moves by (1 − m) of the way, and only on a step's first micro-batch
+    with torch.no_grad():
+        for p in head.cls_head.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in head.cls_head_m.parameters()]
+    model.first_micro_batch = False
+    head.pair_teacher(model, first, second, step=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, head.cls_head_m.parameters(), strict=True))
+    model.first_micro_batch = True
+    head.pair_teacher(model, first, second, step=1)
+    m = model.cfg.momentum
+    for b, p_m, p in zip(before, head.cls_head_m.parameters(), head.cls_head.parameters(), strict=True):
+        torch.testing.assert_close(p_m, m * b + (1 - m) * p)
+    assert head.eval().pair_teacher(model, first, second, step=1) is None  # evaluation: plain logits
+    assert not hasattr(tiny_albef(distill=False).native_head("pair_classifier", 2), "layers_m")
