@@ -115,6 +115,17 @@ def test_a_resumed_run_keeps_its_init_from_record(make_cfg, tmp_path, pretrained
     assert json.loads((run_dir / "manifest.json").read_text())["init_from"]["checkpoint"] == "best"
 
 
+def test_init_from_pretrained_ignores_speed_only_model_keys(make_cfg, tmp_path):
+    """A pre-training run records the speed-only keys (Pixel-BERT's model.channels_last) that the fine-tuning run's
+    semantic config leaves out: they must not make the search miss it (the Pixel-BERT grid did)."""
+    small = (*SMALL_FORMATS, "trainer.max_steps=1")
+    pretrain_dir = tmp_path / "runs" / "pretrain"
+    run(make_cfg("model=pixelbert", "task=pretrain", "model.channels_last=false", *small), pretrain_dir)
+    cfg = make_cfg("model=pixelbert", "task=vqa", "init_from=pretrained", f"reuse_root={tmp_path}", *small)
+    assert cfg.model.channels_last is True
+    assert run(cfg, tmp_path / "vqa")["init_from"] == str(pretrain_dir)
+
+
 def test_init_from_pretrained_finds_the_pretrain_run_of_this_model_and_seed(make_cfg, tmp_path, pretrained_run):
     cfg = make_cfg("model=albef", "task=vqa", "init_from=pretrained", f"reuse_root={tmp_path}", "trainer.max_steps=1")
     result = run(cfg, tmp_path / "vqa")

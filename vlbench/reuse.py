@@ -64,7 +64,7 @@ def find_pretrained(root: Path, cfg: DictConfig) -> Path:
         saved = run_dir / "config.yaml"
         if not saved.exists() or not has_weights(run_dir):
             continue
-        model = OmegaConf.to_container(OmegaConf.load(saved).model, resolve=True)
+        model = semantic_config(OmegaConf.load(saved))["model"]  # speed-only keys (channels_last) do not count
         candidates.append((run_dir, config_differences(model, want_model, "model.")))
     exact = [run_dir for run_dir, diffs in candidates if not diffs]
     if exact:
