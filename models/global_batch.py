@@ -51,14 +51,16 @@ class BatchShard:
     size: int
     rank: int = 0
     world_size: int = 1
-    generator: torch.Generator | None = None  # None: the global RNG
+    generator: torch.Generator | None = None  # None: the global RNG of the device drawn on
 
     @classmethod
     def of(cls, size: int, training: bool, generator: torch.Generator | None = None) -> BatchShard:
         """In training, this process's part of the step's global batch, drawing from ``generator``; in evaluation a
-        whole batch drawing from the global RNG."""
+        whole batch drawing from the global *CPU* RNG (which evaluation seeds), so that the draws, and so a
+        pre-training run's validation losses, are the same on a GPU as on the CPU: CUDA's generator gives another
+        stream for the same seed."""
         if not training:
-            return cls(size)
+            return cls(size, generator=torch.default_generator)
         world = _world_size()
         return cls(size, dist.get_rank() if world > 1 else 0, world, generator)
 

@@ -66,7 +66,7 @@ def test_fp32_training_on_one_gpu_follows_the_cpu(make_cfg, tmp_path, exact_fp32
     cpu = run(_pretraining(make_cfg, model, "cpu"), tmp_path / "cpu")
     gpu = run(_pretraining(make_cfg, model, "cuda"), tmp_path / "gpu")
     manifest = json.loads((tmp_path / "gpu" / "manifest.json").read_text())
-    assert manifest["device"].startswith("cuda") and manifest["precision"] == "fp32"
+    assert manifest["device"] == torch.cuda.get_device_name() and manifest["precision"] == "fp32"
     worst = assert_same_checkpoints(tmp_path / "cpu", tmp_path / "gpu", tolerance=GPU_CPU_TOLERANCE)
     print(f"{model}: GPU vs CPU weights differ by at most {worst:.2e}")
     assert_same_losses(tmp_path / "cpu", tmp_path / "gpu", tolerance=GPU_CPU_TOLERANCE)
