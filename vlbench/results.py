@@ -122,18 +122,24 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def git_sha() -> str | None:
+def git_sha(repo: Path | None = None) -> str | None:
+    """HEAD's commit, with ``-dirty`` appended (``git describe --dirty``'s mark) when tracked files outside
+    ``results/`` differ from it: a copy of a checkout with edits on top (a GPU machine's copy of a working tree, say)
+    would otherwise record a commit whose code it did not run. ``results/`` is left out because runs write there."""
+    cwd = repo or Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=cwd)
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() if out.returncode == 0 else None
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results")
     except (OSError, subprocess.SubprocessError):
         return None
+    dirty = changed.returncode == 0 and changed.stdout.strip() != ""
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def package_versions() -> dict[str, str]:
