@@ -219,9 +219,15 @@ def sample_mismatches(
 
 @torch.no_grad()
 def momentum_update(online: torch.nn.Module, momentum_model: torch.nn.Module, momentum: float) -> None:
-    """EMA: θ_m ← m · θ_m + (1 − m) · θ (parameters only, as in ALBEF/MoCo)."""
-    for p_m, p in zip(momentum_model.parameters(), online.parameters(), strict=True):
-        p_m.mul_(momentum).add_(p.detach(), alpha=1 - momentum)
+    """EMA: θ_m ← m · θ_m + (1 − m) · θ (parameters only, as in ALBEF/MoCo). Multi-tensor kernels (as torch's
+    optimizers use): the same arithmetic as a loop over the parameters, in two launches per device and dtype instead
+    of two per parameter (~800 per step for ALBEF base, which a GPU step notices)."""
+    momentum_params = list(momentum_model.parameters())
+    online_params = [p.detach() for p in online.parameters()]
+    if len(momentum_params) != len(online_params):
+        raise ValueError(f"momentum model has {len(momentum_params)} parameters, the online one {len(online_params)}")
+    torch._foreach_mul_(momentum_params, momentum)
+    torch._foreach_add_(momentum_params, online_params, alpha=1 - momentum)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from vlbench.models.albef import ALBEF
 from vlbench.models.base import ModelContext
-from vlbench.models.losses import image_text_contrastive_loss, mask_tokens, sample_hard_negatives
+from vlbench.models.losses import image_text_contrastive_loss, mask_tokens, momentum_update, sample_hard_negatives
 from vlbench.schema import AlbefModelConfig
 
 CTX = ModelContext(vocab_size=50, pad_token_id=0, cls_token_id=2, sep_token_id=3, mask_token_id=4, image_size=32)
@@ -198,3 +198,17 @@ def test_momentum_encoders_move_once_per_optimizer_step_under_gradient_accumulat
         torch.testing.assert_close(after_two[k], m * theta0 + (1 - m) * theta1, rtol=0, atol=1e-6)
         moved += not torch.equal(theta0, theta1)
     assert moved > 10  # the online weights did change at step 0, so twice m would have shown
+
+
+def test_momentum_update_is_the_per_parameter_ema_bit_for_bit():
+    """The multi-tensor EMA computes exactly m · θ_m + (1 − m) · θ for every parameter, fp32 and bf16 alike."""
+    torch.manual_seed(0)
+    online = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3).to(torch.bfloat16))
+    momentum_model = copy.deepcopy(online)
+    for p in momentum_model.parameters():
+        p.data.normal_()
+    pairs = zip(momentum_model.parameters(), online.parameters(), strict=True)
+    expected = [p_m.detach().clone().mul_(0.995).add_(p.detach(), alpha=1 - 0.995) for p_m, p in pairs]
+    momentum_update(online, momentum_model, 0.995)
+    for got, want in zip(momentum_model.parameters(), expected, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)

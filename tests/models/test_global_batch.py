@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.global_batch import BatchShard
+from vlbench.models.global_batch import BatchShard
 
 
 def test_evaluation_draws_come_from_the_cpu_generator_whatever_the_device():
