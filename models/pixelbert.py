@@ -59,6 +59,7 @@ from torch import nn
 from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch, JointEncoding, ModelContext, TextSizes, VisionLanguageModel
 from vlbench.models.checkpoints import read_state_dict
+from vlbench.models.global_batch import BatchShard
 from vlbench.models.layers import MaskedLMHead, PooledNativeHeads, TextEmbeddings, TransformerStack, init_bert_weights
 from vlbench.models.losses import mask_caption_tokens, sample_mismatches
 from vlbench.registry import MODELS
@@ -101,13 +102,16 @@ def load_cnn_weights(cnn: nn.Module, path: str) -> None:
     cnn.load_state_dict({k: state[k] for k in ours})
 
 
-def sample_pixels(tokens: torch.Tensor, count: int) -> torch.Tensor:
+def sample_pixels(tokens: torch.Tensor, count: int, shard: BatchShard | None = None) -> torch.Tensor:
     """Random pixel sampling: ``count`` of each image's pixel tokens (B, N, H) → (B, count, H), a uniform draw
-    without replacement, independent per image; every token when ``count`` ≥ N."""
+    without replacement, independent per image; every token when ``count`` ≥ N. The draws come from ``shard`` (in
+    training the step's global-batch generator, on the CPU: the same pixels on a GPU as on the CPU, and under DDP as
+    in one process), else from the global CPU generator."""
     batch, pixels, hidden = tokens.shape
     if count >= pixels:
         return tokens
-    keep = torch.rand(batch, pixels, device=tokens.device).topk(count, dim=1).indices  # (B, count)
+    shard = shard or BatchShard.of(batch, training=False)
+    keep = shard.uniform(pixels, device=tokens.device).topk(count, dim=1).indices  # (B, count)
     return tokens.gather(1, keep[..., None].expand(-1, -1, hidden))
 
 
@@ -191,7 +195,7 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
         """Pixel tokens (B, N, H); with ``sample`` and in training, ``pixel_sample`` of them per image."""
         tokens = self.pixel_embeddings(pixel_values)
         if sample and self.training and self.cfg.pixel_sample is not None:
-            tokens = sample_pixels(tokens, self.cfg.pixel_sample)
+            tokens = sample_pixels(tokens, self.cfg.pixel_sample, self.batch_shard(tokens.shape[0]))
         return tokens
 
     def fuse(

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from vlbench.errors import VlbenchError
 from vlbench.models.base import ModelContext, ModelObjectives
+from vlbench.models.global_batch import BatchShard
 from vlbench.models.pixelbert import PixelBERT, sample_pixels
 from vlbench.schema import PixelBertModelConfig
 
@@ -277,3 +278,18 @@ def test_channels_last_cnn_computes_what_the_contiguous_one_does():
         torch.testing.assert_close(grads[0][name], grad, atol=1e-5, rtol=1e-4, msg=name)
     fast.load_state_dict(plain.state_dict())  # contiguous weights copied in keep the channels-last order
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+
+
+def test_training_samples_pixels_from_the_step_generator_not_the_device_rng():
+    """The step's generator decides the pixels (so a GPU keeps the CPU's, and DDP ranks their rows of one draw);
+    the global RNG, which on a GPU would be CUDA's, is left untouched."""
+    index = torch.arange(16.0)[None, :, None].expand(3, 16, 2)
+
+    def drawn(seed: int) -> torch.Tensor:
+        shard = BatchShard.of(3, training=True, generator=torch.Generator().manual_seed(seed))
+        return sample_pixels(index, 6, shard)
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert torch.equal(drawn(1), drawn(1)) and not torch.equal(drawn(1), drawn(2))
+    assert torch.equal(torch.get_rng_state(), before)
