@@ -297,13 +297,14 @@ class ALBEF(VisionLanguageModel):
         # every process enqueues the momentum features of all processes' batches, in rank order (the reference's
         # concat_all_gather), so the queues stay identical across processes
         image_feat_m, text_feat_m = all_gather_batch(image_feat_m), all_gather_batch(text_feat_m)
-        start = int(self.queue_ptr.item())
+        # the pointer stays a tensor: no host sync per step on a GPU, no graph break under torch.compile
+        start = self.queue_ptr
         enqueue(self.image_queue, start, image_feat_m)
         enqueue(self.text_queue, start, text_feat_m)
         local = image_ids if image_ids is not None else torch.full_like(self.id_queue[: image_feat_m.shape[0]], -1)
         ids = all_gather_batch(local) if image_ids is not None else local
         enqueue(self.id_queue.view(1, -1), start, ids.view(-1, 1).to(self.id_queue.dtype))
-        self.queue_ptr.fill_((start + image_feat_m.shape[0]) % self.image_queue.shape[1])
+        self.queue_ptr.add_(image_feat_m.shape[0]).remainder_(self.image_queue.shape[1])
 
     # ----- objectives ---------------------------------------------------------------------------------------------
     def _itm_loss(

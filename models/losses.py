@@ -231,8 +231,9 @@ def momentum_update(online: torch.nn.Module, momentum_model: torch.nn.Module, mo
 
 
 @torch.no_grad()
-def enqueue(queue: torch.Tensor, start: int, features: torch.Tensor) -> None:
-    """Write (B, D) features into a (D, Q) ring-buffer queue from column `start`, wrapping around."""
+def enqueue(queue: torch.Tensor, start: int | torch.Tensor, features: torch.Tensor) -> None:
+    """Write (B, D) features into a (D, Q) ring-buffer queue from column `start` (an int or a one-element tensor on
+    the queue's device, read without a host sync), wrapping around."""
     index = (start + torch.arange(features.shape[0], device=queue.device)) % queue.shape[1]
     queue[:, index] = features.t().to(queue.dtype)
 

@@ -117,6 +117,24 @@ def test_queue_is_a_ring_buffer_of_momentum_features():
     assert torch.allclose(model.text_queue.norm(dim=0), torch.ones(12), atol=1e-5)
 
 
+def test_enqueue_traces_as_one_graph():
+    """The queue pointer is read as a tensor: no `.item()` host sync per step (a GPU stall), no graph break under
+    torch.compile (dynamo counts a graph break at `.item()`)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_albef()  # queue 12
+    model.queue_ptr.fill_(10)
+    image_feat, text_feat = torch.randn(4, 16), torch.randn(4, 16)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(model._dequeue_and_enqueue, backend="eager")(image_feat, text_feat, torch.tensor([7, 8, 9, 10]))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert int(model.queue_ptr) == 2
+    torch.testing.assert_close(model.image_queue[:, [10, 11, 0, 1]], image_feat.t())
+    torch.testing.assert_close(model.text_queue[:, [10, 11, 0, 1]], text_feat.t())
+    assert model.id_queue[[10, 11, 0, 1]].tolist() == [7, 8, 9, 10]
+
+
 def test_temperature_is_clamped():
     model = tiny_albef()
     with torch.no_grad():
