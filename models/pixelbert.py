@@ -37,7 +37,8 @@ Choices the paper leaves open (or that we could not check against its text offli
   convolution, at lr 3e-4, and with a bias-free Linear before the LayerNorm. A per-channel BatchNorm of Linear(f)
   over the batch's pixels keeps every channel varying across images and pixels; s_v is added after it. Measured
   (tiny, from scratch, seed 0): VQA 53.61 at 1,500 steps, 60.39 at 3,000; after pre-training 69.33 (NOTES.md).
-  Under DDP it becomes SyncBatchNorm with the CNN's BatchNorms (global-batch statistics, as in one process).
+  In several processes it and the CNN's BatchNorms take the global batch's statistics, as in one process
+  (SyncBatchNorm on GPUs, ``vlbench.distributed.GlobalBatchNorm`` on CPU).
 - VQA/NLVR2 heads: the paper puts a fully connected classifier on [CLS] without saying its depth; we use LXMERT's
   two-layer MLP on the pooled output (the shared heads give the controlled comparison).
 - Retrieval fine-tuning: softmax cross-entropy of each caption's score with its image against ``retrieval_negatives``

@@ -293,22 +293,112 @@ def test_replicas_that_diverge_are_caught_at_a_checkpoint(tmp_path):
         assert (tmp_path / f"{rank}.txt").read_text() == "the 2 processes' models diverged (1 tensors: bias)"
 
 
-def _wrap_batch_norm(rank: int, port: int, out_dir: str) -> None:
+def _batch_norm_half(rank: int, port: int, out_dir: str) -> None:
+    """Rank r trains its half of one batch through a wrapped BatchNorm stack; saves outputs, gradients, buffers."""
     _as_torchrun_starts_it(rank, port)
     processes = init_from_env()
     try:
-        processes.wrap(torch.nn.Sequential(torch.nn.BatchNorm1d(3)), torch.device("cpu"), False)
+        net = _batch_norm_stack()
+        wrapped = processes.wrap(net, torch.device("cpu"), False)
+        x = _batch_norm_input()[rank * 3 : (rank + 1) * 3]
+        out = wrapped(x)
+        (out * _batch_norm_weights()[rank * 3 : (rank + 1) * 3]).sum().div(6).mul(WORLD).backward()
+        grads = {name: p.grad for name, p in net.named_parameters()}
+        torch.save({"out": out.detach(), "grads": grads, "state": net.state_dict()}, Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _batch_norm_stack() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(2))
+    net.append(torch.nn.BatchNorm1d(4, momentum=None))
+    return net
+
+
+def _batch_norm_input() -> torch.Tensor:
+    return torch.randn(6, 2, 5, 5, generator=torch.Generator().manual_seed(1)) * 3 + 1
+
+
+def _batch_norm_weights() -> torch.Tensor:
+    return torch.randn(6, 4, 9, generator=torch.Generator().manual_seed(2))
+
+
+def test_batch_norm_in_two_cpu_processes_normalises_over_the_global_batch(tmp_path):
+    """On CPU (gloo; SyncBatchNorm runs on GPUs only) the wrapped model's BatchNorms take their statistics from the
+    global batch: two processes with 3 examples each give one process's outputs on all 6, the same gradients (DDP's
+    average, the loss being each process's share) and the same running statistics; the state keys stay."""
+    mp.start_processes(_batch_norm_half, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="forkserver")
+    one = _batch_norm_stack()
+    out = one(_batch_norm_input())
+    (out * _batch_norm_weights()).sum().div(6).backward()
+    halves = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    torch.testing.assert_close(torch.cat([h["out"] for h in halves]), out.detach(), rtol=1e-5, atol=1e-5)
+    for half in halves:
+        assert half["state"].keys() == one.state_dict().keys()
+        for name, p in one.named_parameters():
+            torch.testing.assert_close(half["grads"][name], p.grad, rtol=1e-5, atol=1e-5)
+        for name, value in one.state_dict().items():
+            torch.testing.assert_close(half["state"][name], value, rtol=1e-5, atol=1e-5)
+
+
+def _wrap_batch_norm_subclass(rank: int, port: int, out_dir: str) -> None:
+    from timm.layers import BatchNormAct2d
+
+    _as_torchrun_starts_it(rank, port)
+    processes = init_from_env()
+    try:
+        processes.wrap(torch.nn.Sequential(BatchNormAct2d(3)), torch.device("cpu"), False)
     except VlbenchError as e:
         (Path(out_dir) / f"{rank}.txt").write_text(str(e))
     finally:
         dist.destroy_process_group()
 
 
-def test_batch_norm_models_need_cuda_to_train_in_several_processes(tmp_path):
-    """Per-process BatchNorm statistics would make the replicas differ; SyncBatchNorm exists on GPUs only."""
-    mp.start_processes(_wrap_batch_norm, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="forkserver")
+def test_batch_norm_variants_are_refused_on_cpu(tmp_path):
+    """A BatchNorm subclass with behaviour of its own (timm's BatchNormAct2d) is not silently replaced."""
+    args = (free_port(), str(tmp_path))
+    mp.start_processes(_wrap_batch_norm_subclass, args=args, nprocs=WORLD, start_method="forkserver")
     message = (tmp_path / "0.txt").read_text()
-    assert message == "this model has BatchNorm layers: training it in several processes needs CUDA (SyncBatchNorm)"
+    assert message == (
+        "this model has BatchNorm layers of type BatchNormAct2d: training it in several processes on cpu supports "
+        "plain BatchNorm1d/2d/3d only (on CUDA, SyncBatchNorm takes any)"
+    )
+
+
+@pytest.mark.parametrize("parallel", ["trainer.fsdp=false", "trainer.fsdp=true model.channels_last=false"])
+def test_pixelbert_in_two_processes_equals_one(make_cfg, tmp_path, parallel):
+    """Pixel-BERT's BatchNorms (CNN and pixel tokens) over the global batch: 2 CPU processes train as one — every
+    logged loss and gradient norm of 3 steps, the running statistics after the first, the evaluation. (Weights are
+    not compared to 1e-5: Adam's first steps move each weight by about ±lr, and elements of the CNN whose gradient is
+    rounding noise (~1e-9) take either sign, so a few weights differ by up to 2 lr; with per-process BatchNorm
+    statistics the first loss already differs by ~1e-2.)"""
+    setting = ("model=pixelbert", "task=vqa", "task.head_dropout=0", "trainer.batch_size=8", *parallel.split())
+    setting = (*setting, *SMALL_FORMATS)
+    for steps in (1, 3):
+        cfg = make_cfg(*setting, f"trainer.max_steps={steps}")
+        one = run(cfg, tmp_path / f"one{steps}")
+        run_in_two_processes(cfg, tmp_path / f"two{steps}")
+        assert_same_losses(tmp_path / f"one{steps}", tmp_path / f"two{steps}")
+        two = json.loads((tmp_path / f"two{steps}" / "result.json").read_text())
+        assert two["num_devices"] == 2 and two["metrics"] == pytest.approx(one["metrics"], rel=1e-4)
+    a = load_file(tmp_path / "one1" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "two1" / "checkpoints" / "last.safetensors")
+    running = [key for key in a if key.endswith(("running_mean", "running_var"))]
+    assert len(running) == 2 * 11  # 10 in the CNN, 1 on the pixel tokens
+    for key in running:  # float32 sums over ~8,000 values per channel in another order (~2e-5 relative), passed on
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)  # through the layers; per-process: ~1e-1
+
+
+def test_fsdp_refuses_channels_last_parameters_in_one_line():
+    """FSDP2 cannot shard a strided (channels-last) convolution weight: named, with the setting that fixes it."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)).to(memory_format=torch.channels_last)
+    with pytest.raises(VlbenchError) as error:
+        Processes().shard(net, torch.device("cpu"), [])
+    assert str(error.value) == (
+        "trainer.fsdp=true: FSDP shards contiguous parameters only, and 0.weight and 1 more is stored channels-last; "
+        "set model.channels_last=false"
+    )
 
 
 def test_each_process_takes_its_contiguous_part_of_every_global_batch():

@@ -33,6 +33,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -118,7 +119,7 @@ class Processes:
         """DistributedDataParallel: averages gradients over processes in backward. Buffers are not broadcast each
         step: they change identically on every process (momentum encoders and queues are updated from gathered
         features), which ``check_replicas_agree`` verifies at every checkpoint. BatchNorm (Pixel-BERT's CNN) becomes
-        SyncBatchNorm, whose statistics are the global batch's as in one process; it exists on GPUs only."""
+        SyncBatchNorm on GPUs, GlobalBatchNorm on CPU: the global batch's statistics, as in one process."""
         net = _sync_batchnorm(net, device)
         return DistributedDataParallel(
             net,
@@ -133,6 +134,13 @@ class Processes:
         backward, gradients reduce-scattered (averaged, as DDP). An optimizer must be built over them afterwards."""
         from torch.distributed.fsdp import fully_shard
 
+        strided = [name for name, p in net.named_parameters() if not p.is_contiguous()]
+        if strided:
+            more = f" and {len(strided) - 1} more" if len(strided) > 1 else ""
+            raise VlbenchError(
+                f"trainer.fsdp=true: FSDP shards contiguous parameters only, and {strided[0]}{more} is stored "
+                "channels-last; set model.channels_last=false"
+            )
         net = _sync_batchnorm(net, device)
         for block in blocks:
             fully_shard(block)
@@ -164,17 +172,85 @@ class Processes:
             raise VlbenchError(f"the {self.world_size} processes' models diverged ({len(differ)} tensors: {shown})")
 
 
-def _sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm (Pixel-BERT's CNN) as SyncBatchNorm: per-process statistics would not be the global batch's."""
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
-        if device.type != "cuda":
-            raise VlbenchError(
-                "this model has BatchNorm layers: training it in several processes needs CUDA (SyncBatchNorm)"
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch where SyncBatchNorm does not run (CPU processes over gloo).
+
+    In training each channel's mean is the all-reduced sum over every process's examples, and its variance the
+    all-reduced sum of squared deviations from that mean (two passes, as one process computes it); both reductions
+    carry gradients (the functional all-reduce's backward all-reduces them), so N processes normalise,
+    back-propagate and update the running statistics as one process on the whole batch. Evaluation reads the
+    running statistics, as BatchNorm does. Same parameters and buffers as the BatchNorm it replaces, so the same
+    checkpoint keys."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects (N, C, ...) input, got {input.dim()}-d")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        from torch.distributed._functional_collectives import all_reduce
+
+        self._check_input_dim(input)
+        if not self.training:  # running statistics (this process's batch where none are tracked): no collective
+            local = self.running_mean is None
+            stats = (self.running_mean, self.running_var)
+            return F.batch_norm(input, *stats, self.weight, self.bias, local, 0.0, self.eps)
+        reduce_dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        count = torch.tensor([float(input.numel() // input.shape[1])], device=input.device)
+        dist.all_reduce(count)
+        n = count.item()
+        mean = all_reduce(input.sum(reduce_dims), "sum", dist.group.WORLD) / n
+        centred = input - mean.view(shape)
+        var = all_reduce((centred * centred).sum(reduce_dims), "sum", dist.group.WORLD) / n
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
+                self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+        return out
+
+
+def _global_batchnorm(module: nn.Module) -> nn.Module:
+    """Every plain BatchNorm{1,2,3}d below ``module`` replaced, in place, by a GlobalBatchNorm holding the same
+    parameter and buffer tensors."""
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    for name, child in module.named_children():
+        if type(child) in plain:
+            replacement = GlobalBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
             )
+            for key, tensor in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
+                setattr(replacement, key, tensor)
+            replacement.train(child.training)
+            setattr(module, name, replacement)
+        else:
+            _global_batchnorm(child)
+    return module
+
+
+def _sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm (Pixel-BERT's CNN and pixel tokens) with the global batch's statistics, as in one process: per-process
+    statistics would make the replicas differ. SyncBatchNorm on GPUs, GlobalBatchNorm elsewhere (CPU)."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return net
+    if device.type == "cuda":
         from timm.layers import convert_sync_batchnorm
 
-        net = convert_sync_batchnorm(net)  # in place below the root: the same parameters, the same state keys
-    return net
+        return convert_sync_batchnorm(net)  # in place below the root: the same parameters, the same state keys
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    other = sorted({type(m).__name__ for m in norms if type(m) not in plain})
+    if other:
+        raise VlbenchError(
+            f"this model has BatchNorm layers of type {', '.join(other)}: training it in several processes on "
+            f"{device.type} supports plain BatchNorm1d/2d/3d only (on CUDA, SyncBatchNorm takes any)"
+        )
+    return _global_batchnorm(net)
 
 
 def export_submitit_tasks() -> None:
