@@ -215,12 +215,14 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return out
 
 
+PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def _global_batchnorm(module: nn.Module) -> nn.Module:
     """Every plain BatchNorm{1,2,3}d below ``module`` replaced, in place, by a GlobalBatchNorm holding the same
     parameter and buffer tensors."""
-    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     for name, child in module.named_children():
-        if type(child) in plain:
+        if type(child) in PLAIN_BATCHNORMS:
             replacement = GlobalBatchNorm(
                 child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
             )
@@ -243,8 +245,7 @@ def _sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
         from timm.layers import convert_sync_batchnorm
 
         return convert_sync_batchnorm(net)  # in place below the root: the same parameters, the same state keys
-    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    other = sorted({type(m).__name__ for m in norms if type(m) not in plain})
+    other = sorted({type(m).__name__ for m in norms if type(m) not in PLAIN_BATCHNORMS})
     if other:
         raise VlbenchError(
             f"this model has BatchNorm layers of type {', '.join(other)}: training it in several processes on "
