@@ -78,7 +78,8 @@ class BatchShard:
 
     def own_columns(self, device: torch.device) -> torch.Tensor:
         """(size, global_size) bool: True where a column of the global batch is the row's own example."""
-        return F.one_hot(self.rows(device), self.global_size).bool()
+        # a comparison, not F.one_hot: one_hot reads its input's range back to the host (a GPU sync every step)
+        return self.rows(device)[:, None] == torch.arange(self.global_size, device=device)
 
     def widest(self, shape: tuple[int, ...], device: torch.device) -> tuple[int, ...]:
         """The element-wise largest of every rank's ``shape`` (text padded to each slice's longest: the global

@@ -179,3 +179,61 @@ def test_lxmert_bench_compares_with_transformers_and_splits_a_step(capsys):
         # the parts are disjoint shares of the step: GEMMs and the optimizer fit in it, the rest is what is left
         assert gemm > 0 and optimizer > 0 and gemm + optimizer <= total + 2e-3 and rest >= -2e-3
     assert re.search(r"outside its GEMMs and optimizer update: [\d.]+×", out)
+
+
+def test_profile_splits_a_step_by_kind_of_work():
+    from vlbench.bench_profile import KERNEL_KINDS, format_profile, kind_of, profile_step
+
+    assert kind_of("aten::addmm") == "gemm" and kind_of("aten::_fused_adamw_") == "optimizer"
+    assert kind_of("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention"
+    assert kind_of("aten::native_layer_norm_backward") == "normalisation" and kind_of("aten::gelu") == "other"
+    kernels = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "gemm",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>": "attention",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>": "normalisation",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "other",
+    }
+    for name, kind in kernels.items():
+        assert kind_of(name, KERNEL_KINDS) == kind, name
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.LayerNorm(1024))
+    optimizer = torch.optim.AdamW(layer.parameters(), foreach=True)
+    x = torch.randn(512, 256)
+
+    def step() -> None:
+        layer(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    profile = profile_step(step, torch.device("cpu"), steps=2, top=3)
+    kinds = profile["kinds_ms"]
+    assert sum(kinds.values()) == pytest.approx(profile["busy_ms"])
+    assert {"gemm", "optimizer", "normalisation", "other"} <= kinds.keys()
+    assert 0 < profile["busy_ms"] <= profile["wall_ms"] * 1.05 and profile["busy_share"] > 0.3
+    assert len(profile["top_ops_ms"]) == 3 and profile["host_syncs"] is None  # CPU: no device to wait on
+    assert "failed: RuntimeError: x" in format_profile("toy", "tiny", {"error": "RuntimeError: x"})
+    assert "a step, busy" in format_profile("toy", "tiny", profile)
+
+
+def test_profile_on_cuda_sums_the_device_side_kernels():
+    """The CUDA branch without a GPU: the profiler's device-side events (kernels, copies) are summed per name."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from vlbench.bench_profile import device_busy
+
+    def event(name: str, start: int, end: int, device: DeviceType) -> FunctionEvent:
+        return FunctionEvent(0, name, 0, start, end, device_type=device)
+
+    class Recorded:
+        def events(self) -> list[FunctionEvent]:
+            return [
+                event("aten::mm", 0, 900, DeviceType.CPU),  # host side: not device time
+                event("sm90_xmma_gemm_bf16", 10, 410, DeviceType.CUDA),
+                event("sm90_xmma_gemm_bf16", 500, 700, DeviceType.CUDA),
+                event("Memcpy DtoH (Device -> Pinned)", 800, 820, DeviceType.CUDA),
+            ]
+
+    busy = device_busy(Recorded(), steps=2)
+    assert busy == pytest.approx({"sm90_xmma_gemm_bf16": 0.3, "Memcpy DtoH (Device -> Pinned)": 0.01})

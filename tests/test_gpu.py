@@ -5,8 +5,9 @@
   off for the comparison (cuBLAS and cuDNN), otherwise every matmul rounds to 10 mantissa bits.
 - bf16 autocast (the CUDA default, ``trainer.precision=auto``) trains: finite losses, no skipped steps, a first loss
   close to fp32's yet not equal to it (autocast is really on), and a falling loss.
-- NCCL: two processes on two GPUs train as one GPU does (skipped on a machine with one GPU, where the comparison
-  with the CPU above is the check; NCCL cannot put two ranks on one device).
+- NCCL: two processes on two GPUs train as one GPU does (skipped on a machine with one GPU: NCCL cannot put two
+  ranks on one device). On one GPU the data-parallel check is the comparison with the CPU instead: two gloo processes
+  (each half of the global batch, gathered ITC and queues, global-batch negatives) train as the one GPU does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tests.test_distributed import (
     assert_same_checkpoints,
     assert_same_losses,
     free_port,
+    run_in_two_processes,
     train_losses,
 )
 from tests.test_tasks_end_to_end import SMALL_FORMATS
@@ -108,3 +110,15 @@ def test_two_gpus_with_nccl_train_as_one_gpu(make_cfg, tmp_path, exact_fp32, mod
     worst = assert_same_checkpoints(tmp_path / "one", tmp_path / "two", tolerance=GPU_CPU_TOLERANCE)
     print(f"{model}: 2 GPUs (NCCL) vs 1 GPU weights differ by at most {worst:.2e}")
     assert_same_losses(tmp_path / "one", tmp_path / "two", tolerance=GPU_CPU_TOLERANCE)
+
+
+@pytest.mark.parametrize("model", ["albef", "lxmert"])
+def test_two_cpu_processes_over_gloo_train_as_one_gpu(make_cfg, tmp_path, exact_fp32, model):
+    """The data-parallel path against the GPU's kernels: the same global batch split over two CPU processes."""
+    gpu = run(_pretraining(make_cfg, model, "cuda"), tmp_path / "gpu")
+    run_in_two_processes(_pretraining(make_cfg, model, "cpu"), tmp_path / "gloo")
+    two = json.loads((tmp_path / "gloo" / "result.json").read_text())
+    assert two["num_devices"] == 2 and gpu["num_devices"] == 1
+    worst = assert_same_checkpoints(tmp_path / "gpu", tmp_path / "gloo", tolerance=GPU_CPU_TOLERANCE)
+    print(f"{model}: 2 CPU processes (gloo) vs 1 GPU weights differ by at most {worst:.2e}")
+    assert_same_losses(tmp_path / "gpu", tmp_path / "gloo", tolerance=GPU_CPU_TOLERANCE)

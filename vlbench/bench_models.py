@@ -14,6 +14,7 @@ step with every attention layer eager (softmax(QKᵀ/√d)V in explicit matmuls)
 default mode): its steady-state samples/s, the ratio to eager, and the compilation time (reported apart: the extra
 time of the compiled warm-up steps over as many steady ones, recompilation for new text lengths included).
 LXMERT also gets its reference row: transformers' ``LxmertForPreTraining`` vs ours (``vlbench-bench lxmert``).
+``--profile``: two more training steps under the profiler, split by kind of work (``vlbench.bench_profile``).
 
 Output: a table, a JSON file (``--json``), and one line per run appended to a history file (``--history``) with the
 git sha and device, so that speed regressions show over time. Positional arguments are Hydra overrides applied to
@@ -148,6 +149,7 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader
     from torch.utils.flop_counter import FlopCounterMode
 
+    from vlbench.bench_profile import profile_step
     from vlbench.models.layers import attention_implementation
     from vlbench.runner import (
         EpochShuffleSampler,
@@ -222,6 +224,12 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         train_step()
     train_seconds = _median_seconds(train_step, args.steps, device)
+    profile = None
+    if getattr(args, "profile", False):
+        try:
+            profile = profile_step(train_step, device)
+        except Exception as e:  # the profile is a diagnosis: its failure costs no measured figure
+            profile = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
     eager_seconds = None
     if args.eager_steps:
         with attention_implementation("eager", net):
@@ -273,6 +281,7 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
         "compile_speedup": train_seconds / compiled_seconds if compiled_seconds else None,
         "compile_s": compile_seconds,
         "peak_memory_mb": peak_memory_mb(device),
+        "profile": profile,
     }
 
 
@@ -337,6 +346,7 @@ def format_table(rows: list[dict], matmul_flops: float, peak: float | None) -> s
 
 
 def bench_models(args: argparse.Namespace) -> list[dict]:
+    from vlbench.bench_profile import format_profile
     from vlbench.results import device_description, git_sha
 
     if args.threads:
@@ -363,6 +373,9 @@ def bench_models(args: argparse.Namespace) -> list[dict]:
         reference = bench_lxmert(reference_args)
     print(f"vlbench-bench models: task {args.task}, {torch.get_num_threads()} threads, {device_description(device)}")
     print(format_table(rows, matmul_flops, peak))
+    for r in rows:
+        if r.get("profile"):
+            print(format_profile(r["model"], r["scale"], r["profile"]))
     record = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
@@ -399,6 +412,9 @@ def add_parser(sub) -> None:
     m.add_argument("--warmup", type=int, default=2)
     m.add_argument("--eager-steps", type=int, default=3, help="timed steps with eager attention (0: skip)")
     m.add_argument("--compile", action="store_true", help="also time the training step compiled (trainer.compile=true)")
+    m.add_argument(
+        "--profile", action="store_true", help="then 2 profiled steps: busy vs wall time, time by kind, top ops, syncs"
+    )
     m.add_argument("--loader-batches", type=int, default=20, help="batches timed through the data loader alone")
     m.add_argument("--gemm-size", type=int, default=2048, help="side of the square matmul that measures the machine")
     m.add_argument("--no-lxmert-reference", dest="lxmert_reference", action="store_false")
