@@ -189,6 +189,9 @@ def test_profile_splits_a_step_by_kind_of_work():
     assert kind_of("aten::native_layer_norm_backward") == "normalisation" and kind_of("aten::gelu") == "other"
     kernels = {
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "gemm",
+        "nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_bias_TNN": "gemm",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64": "attention",
+        "void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernelTemplate<float, float>": "normalisation",
         "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>": "attention",
         "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>": "normalisation",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",

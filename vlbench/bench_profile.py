@@ -24,12 +24,13 @@ OP_KINDS = {
     "optimizer": ("_fused_adam", "_foreach_", "adamw"),
 }
 # CUDA kernel name → kind of work (cuBLAS/CUTLASS GEMMs, flash/memory-efficient attention, cuDNN convolutions, ...)
+# (checked in this order: cuDNN's attention kernels carry "sm90" and "cudnn" in their names too)
 KERNEL_KINDS = {
-    "gemm": ("gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "hopper"),
-    "attention": ("flash", "fmha", "attention", "attn"),
-    "convolution": ("conv", "implicit_", "dgrad", "wgrad", "cudnn"),
-    "normalisation": ("layer_norm", "layernorm", "batch_norm", "batchnorm", "welford", "norm_"),
+    "attention": ("flash", "fmha", "attention", "attn", "sdpa"),
     "optimizer": ("adam", "multi_tensor_apply"),
+    "normalisation": ("layer_norm", "layernorm", "batch_norm", "batchnorm", "welford", "gammabeta", "norm_"),
+    "convolution": ("conv", "implicit_", "dgrad", "wgrad", "cudnn"),
+    "gemm": ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "hopper"),
 }
 # host waits on the device: an explicit synchronisation, or reading a device value (.item(), boolean indexing)
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
@@ -72,19 +73,21 @@ def profile_step(step: Callable[[], object], device: torch.device, steps: int = 
         wall = time.perf_counter() - start
     averages = prof.key_averages()
     kernels = device_busy(prof, steps) if on_cuda else None
+
+    def busy_us(event) -> float:
+        return event.self_device_time_total if on_cuda else event.self_cpu_time_total
+
+    # the ops (aten::…) by the device time of the kernels they launched: which op a costly kernel serves
+    per_op = {e.key: busy_us(e) / steps / 1e3 for e in averages if busy_us(e) > 0 and e.key not in (kernels or {})}
     if kernels:
-        per_op, table, measure = kernels, KERNEL_KINDS, "CUDA kernels' own time"
+        per_item, table, measure = kernels, KERNEL_KINDS, "CUDA kernels' own time"
     else:
-
-        def busy_us(event) -> float:
-            return event.self_device_time_total if on_cuda else event.self_cpu_time_total
-
-        per_op = {e.key: busy_us(e) / steps / 1e3 for e in averages if busy_us(e) > 0}
-        table, measure = OP_KINDS, "ops' self device time" if on_cuda else "ops' self CPU time"
+        per_item, table = per_op, OP_KINDS
+        measure = "ops' self device time" if on_cuda else "ops' self CPU time"
     by_kind: dict[str, float] = {}
-    for op, ms in per_op.items():
-        by_kind[kind_of(op, table)] = by_kind.get(kind_of(op, table), 0.0) + ms
-    busy = sum(per_op.values())
+    for name, ms in per_item.items():
+        by_kind[kind_of(name, table)] = by_kind.get(kind_of(name, table), 0.0) + ms
+    busy = sum(per_item.values())
     counts = {e.key: e.count for e in averages}
     return {
         "device_busy_measure": measure,
@@ -93,6 +96,7 @@ def profile_step(step: Callable[[], object], device: torch.device, steps: int = 
         "busy_share": busy / (wall / steps * 1e3),
         "kinds_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         "top_ops_ms": dict(sorted(per_op.items(), key=lambda kv: -kv[1])[:top]),
+        "top_kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:top]) if kernels else None,
         "kernel_launches": sum(counts.get(name, 0) for name in LAUNCH_EVENTS) / steps if on_cuda else None,
         # on the CPU a value read is no wait: counted on CUDA only
         "host_syncs": sum(counts.get(name, 0) for name in SYNC_EVENTS) / steps if on_cuda else None,
@@ -112,6 +116,8 @@ def format_profile(model: str, scale: str, profile: dict) -> str:
         f"{model} {scale}: {profile['wall_ms']:.1f} ms a step, busy {profile['busy_ms']:.1f} ms "
         f"({profile['busy_share']:.0%}; {profile['device_busy_measure']}){waits}",
         "  by kind: " + ", ".join(f"{k} {ms:.1f} ms" for k, ms in profile["kinds_ms"].items()),
-        "  top ops: " + ", ".join(f"{op} {ms:.1f}" for op, ms in profile["top_ops_ms"].items()),
+        "  top ops (ms): " + ", ".join(f"{op} {ms:.1f}" for op, ms in profile["top_ops_ms"].items()),
     ]
+    if profile.get("top_kernels_ms"):
+        lines.append("  top kernels (ms): " + "; ".join(f"{k} {ms:.1f}" for k, ms in profile["top_kernels_ms"].items()))
     return "\n".join(lines)

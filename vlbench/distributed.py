@@ -24,6 +24,7 @@ Without WORLD_SIZE > 1 everything here is the single-process case and does nothi
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import types
 from collections.abc import Callable, Iterator
@@ -124,8 +125,8 @@ class Processes:
         return DistributedDataParallel(
             net,
             device_ids=[device.index] if device.type == "cuda" else None,
-            forward_sync_buffers=False,
             find_unused_parameters=find_unused_parameters,
+            **NO_BUFFER_BROADCAST,
         )
 
     def shard(self, net: nn.Module, device: torch.device, blocks: list[nn.Module]) -> nn.Module:
@@ -267,6 +268,15 @@ def export_submitit_tasks() -> None:
     tasks = TorchDistributedEnvironment()
     if tasks.world_size > 1:
         tasks.export(set_cuda_visible_devices=False)
+
+
+# DDP must not overwrite buffers with rank 0's at each forward (queues, running statistics are synchronised by their
+# own code): the keyword is ``forward_sync_buffers`` since torch 2.14, ``broadcast_buffers`` before (GPU images lag)
+NO_BUFFER_BROADCAST = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def init_from_env() -> Processes:

@@ -236,3 +236,22 @@ def test_weights_saved_at_another_image_size_load_with_resampled_position_embedd
     large.load_state_dict(large.adapt_checkpoint(small.state_dict()))  # 4×4 patches → 6×6
     assert large.visual_encoder.pos_embed.shape == (1, 37, 24)
     torch.testing.assert_close(large.visual_encoder.cls_token, small.visual_encoder.cls_token)
+
+
+def test_the_gate_with_levels_standardised_once_equals_a_layer_norm_per_level():
+    """Σ_k g_k · LayerNorm_k(level_k) + g_0 · in_layer, as written, against the folded form the model computes."""
+    from vlbench.models.unimo3 import LevelGate, normalise_levels
+
+    torch.manual_seed(0)
+    gate = LevelGate(H, num_cross_levels=3, adaptive=True)
+    with torch.no_grad():
+        for norm in gate.norms:  # LayerNorms as trained, not at their identity initialisation
+            norm.weight.normal_(1.0, 0.5)
+            norm.bias.normal_(0.0, 0.5)
+    query, in_layer, levels = torch.randn(4, 5, H), torch.randn(4, 7, H), torch.randn(4, 3, 7, H) * 3 + 1
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * 4)
+    context, weights = gate(query, mask, in_layer, normalise_levels(levels))
+    written = torch.stack([in_layer, *(norm(levels[:, k]) for k, norm in enumerate(gate.norms))], dim=1)
+    torch.testing.assert_close(context, torch.einsum("bk,bknh->bnh", weights, written), rtol=1e-5, atol=1e-5)
+    context.square().sum().backward()
+    assert all(norm.weight.grad.abs().sum() > 0 and norm.bias.grad.abs().sum() > 0 for norm in gate.norms)
