@@ -36,9 +36,10 @@ def all_gather_batch(tensor: torch.Tensor, with_grad: bool = False) -> torch.Ten
     if _world_size() == 1:
         return tensor
     if with_grad:
-        from torch.distributed._functional_collectives import all_gather_single
+        # the autograd form that torch has had since 2.1 (2.14's all_gather_single is not in the GPU images' 2.11)
+        from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
-        return all_gather_single(tensor.contiguous(), 0, dist.group.WORLD)
+        return all_gather_tensor_autograd(tensor.contiguous(), 0, dist.group.WORLD)
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.detach().contiguous())
     return torch.cat(parts, dim=0)
