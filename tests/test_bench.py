@@ -240,3 +240,29 @@ def test_profile_on_cuda_sums_the_device_side_kernels():
 
     busy = device_busy(Recorded(), steps=2)
     assert busy == pytest.approx({"sm90_xmma_gemm_bf16": 0.3, "Memcpy DtoH (Device -> Pinned)": 0.01})
+
+
+def test_a_cuda_profile_is_summarised_from_kernels_with_ops_listed_apart():
+    """Kernel time is the busy time and is split by kernel kind; ops are listed without the kernel rows the
+    profiler's averages also hold (a long template name included); launches and syncs are counted per step."""
+    from types import SimpleNamespace
+
+    from vlbench.bench_profile import summarise_profile
+
+    long_kernel = "void at::native::elementwise_kernel<128, 2, " + "x" * 300
+    kernels = {"nvjet_sm90_tst_192x192_64x4": 6.0, long_kernel[:90]: 3.0, "cudnn_generated_fort_native_sdpa_sm90": 1.0}
+
+    def average(key: str, device_us: float, count: int = 1) -> SimpleNamespace:
+        return SimpleNamespace(key=key, self_device_time_total=device_us, self_cpu_time_total=5.0, count=count)
+
+    averages = [
+        average("aten::mm", 12_000), average("aten::mul", 6_000), average("nvjet_sm90_tst_192x192_64x4", 12_000),
+        average(long_kernel, 6_000), average("cudaLaunchKernel", 0, count=40),
+        average("aten::_local_scalar_dense", 0, count=6),
+    ]  # fmt: skip
+    profile = summarise_profile(averages, kernels, steps=2, wall_s=0.025)
+    assert profile["busy_ms"] == pytest.approx(10.0) and profile["busy_share"] == pytest.approx(0.8)
+    assert profile["kinds_ms"] == pytest.approx({"gemm": 6.0, "other": 3.0, "attention": 1.0})
+    assert profile["top_ops_ms"] == pytest.approx({"aten::mm": 6.0, "aten::mul": 3.0})
+    assert profile["kernel_launches"] == 20 and profile["host_syncs"] == 3
+    assert list(profile["top_kernels_ms"]) == list(kernels)

@@ -36,6 +36,7 @@ KERNEL_KINDS = {
 }
 # host waits on the device: an explicit synchronisation, or reading a device value (.item(), boolean indexing)
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+KERNEL_NAME_CHARS = 90  # C++ template names run to thousands of characters; the head names the kernel
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 
 
@@ -52,7 +53,7 @@ def device_busy(prof, steps: int) -> dict[str, float] | None:
     per_kernel: dict[str, float] = {}
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:
-            name = event.name[:90]
+            name = event.name[:KERNEL_NAME_CHARS]
             per_kernel[name] = per_kernel.get(name, 0.0) + event.time_range.elapsed_us() / steps / 1e3
     return per_kernel or None
 
@@ -77,14 +78,24 @@ def profile_step(step: Callable[[], object], device: torch.device, steps: int = 
             if on_cuda:
                 torch.cuda.synchronize(device)
             wall = time.perf_counter() - start
-    averages = prof.key_averages()
-    kernels = device_busy(prof, steps) if on_cuda else None
+    return summarise_profile(prof.key_averages(), device_busy(prof, steps) if on_cuda else None, steps, wall, top)
+
+
+def summarise_profile(averages, kernels: dict[str, float] | None, steps: int, wall_s: float, top: int = 10) -> dict:
+    """The figures ``profile_step`` reports, from the profiler's per-op averages and (on CUDA) ``device_busy``'s
+    per-kernel milliseconds; the device is CUDA when ``kernels`` is given."""
+    on_cuda = kernels is not None
 
     def busy_us(event) -> float:
         return event.self_device_time_total if on_cuda else event.self_cpu_time_total
 
     # the ops (aten::…) by the device time of the kernels they launched: which op a costly kernel serves
-    per_op = {e.key: busy_us(e) / steps / 1e3 for e in averages if busy_us(e) > 0 and e.key not in (kernels or {})}
+    kernel_names = kernels or {}
+    per_op = {
+        e.key: busy_us(e) / steps / 1e3
+        for e in averages
+        if busy_us(e) > 0 and e.key[:KERNEL_NAME_CHARS] not in kernel_names
+    }
     if kernels:
         per_item, table, measure = kernels, KERNEL_KINDS, "CUDA kernels' own time"
     else:
@@ -95,11 +106,12 @@ def profile_step(step: Callable[[], object], device: torch.device, steps: int = 
         by_kind[kind_of(name, table)] = by_kind.get(kind_of(name, table), 0.0) + ms
     busy = sum(per_item.values())
     counts = {e.key: e.count for e in averages}
+    wall_ms = wall_s / steps * 1e3
     return {
         "device_busy_measure": measure,
-        "wall_ms": wall / steps * 1e3,
+        "wall_ms": wall_ms,
         "busy_ms": busy,
-        "busy_share": busy / (wall / steps * 1e3),
+        "busy_share": busy / wall_ms,
         "kinds_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         "top_ops_ms": dict(sorted(per_op.items(), key=lambda kv: -kv[1])[:top]),
         "top_kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:top]) if kernels else None,
