@@ -473,6 +473,6 @@ class AlbefTwoImageHead(TwoImageHead):
         # hard negatives as the reference's (model_pretrain_nlvr.py): images like the pair's own, by the similarity of
         # their ITC features at a fixed temperature of 0.07
         sim_i2i = image_feat @ image_feat.t() / 0.07
-        first, second, labels = text_assignment_pairs(sim_i2i.detach(), same_image)
+        first, second, labels = text_assignment_pairs(sim_i2i.detach(), same_image, model.batch_shard(len(sim_i2i)))
         pooled = self.fuse(text_tokens, batch["attention_mask"], (image_tokens[first], image_tokens[second]))
         return self.ta_head(pooled), labels

@@ -24,6 +24,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def _gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    return -(-uniform.clamp_min(1e-30).log()).log()
+
+
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -111,11 +115,16 @@ class BatchShard:
         mine = draws[(slice(self.offset, self.offset + self.size), *(slice(0, n) for n in shape))]
         return mine.to(device)
 
-    def choose(self, weights: torch.Tensor, count: int = 1) -> torch.Tensor:
-        """(size, count) different columns per row drawn ∝ ``weights`` (size, C) without replacement (Gumbel top-k
-        over ``uniform``): the same draw for a row whichever rank holds it. Zero-weight columns are never drawn
-        while a row has ``count`` others."""
-        gumbel = -(-self.uniform(weights.shape[1], device=weights.device).clamp_min(1e-30).log()).log()
+    def choose(self, weights: torch.Tensor, count: int = 1, replacement: bool = False) -> torch.Tensor:
+        """(size, count) columns per row drawn ∝ ``weights`` (size, C) from ``uniform``: the same draw for a row
+        whichever rank holds it, and on any device. Without replacement (Gumbel top-k) the columns differ and
+        zero-weight columns are never drawn while a row has ``count`` others; with replacement (one Gumbel argmax per
+        draw) zero-weight columns are never drawn. ``weights`` may also be over this rank's own rows (C = size): the
+        draws still differ by rank."""
+        if replacement:
+            gumbel = _gumbel(self.uniform(count, weights.shape[1], device=weights.device))
+            return (weights.float().log()[:, None, :] + gumbel).argmax(dim=2)
+        gumbel = _gumbel(self.uniform(weights.shape[1], device=weights.device))
         return (weights.float().log() + gumbel).topk(count, dim=1).indices
 
     def mean(self, total: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:

@@ -239,17 +239,19 @@ def enqueue(queue: torch.Tensor, start: int | torch.Tensor, features: torch.Tens
 
 
 def text_assignment_pairs(
-    similarity: torch.Tensor, same_image: torch.Tensor | None = None
+    similarity: torch.Tensor, same_image: torch.Tensor | None = None, shard: BatchShard | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ALBEF's text-assignment batches: for each text an image pair and a label, uniform over three cases —
     0: (its image, a negative), 1: (a negative, its image), 2: (two different negatives) — negatives drawn
     ∝ softmax(similarity) over the batch, never the text's own image.
 
     similarity: (B, ≥B), row b scoring the in-batch images (first B columns) as negatives for pair b (the reference
-    uses its own image's similarity to the others); ``same_image`` (B, B) marks images equal to the text's.
+    uses its own image's similarity to the others); ``same_image`` (B, B) marks images equal to the text's. Draws
+    come from ``shard`` (the model's ``batch_shard``: the step's generator, the same on any device).
     Returns (first image index, second image index, label), each (B,).
     """
     batch = similarity.shape[0]
+    shard = shard or BatchShard(batch)
     if batch < 3:
         raise ValueError("text assignment needs a batch of at least 3 pairs (two negatives per text)")
     with torch.no_grad():
@@ -260,8 +262,8 @@ def text_assignment_pairs(
         weights = weights.masked_fill(own, 0)
         lacking = (weights > 0).sum(dim=1) < 2  # fewer than two other images (one image's captions): any others
         weights[lacking] = (~torch.eye(batch, dtype=torch.bool, device=weights.device))[lacking].float()
-        negatives = torch.multinomial(weights, 2)  # without replacement: two different negatives
-        labels = torch.randint(3, (batch,), device=weights.device)
+        negatives = shard.choose(weights, 2)  # without replacement: two different negatives
+        labels = (shard.uniform(device=weights.device) * 3).long().clamp(max=2)
         rows = torch.arange(batch, device=weights.device)
         first = torch.where(labels == 0, rows, negatives[:, 0])
         second = torch.where(labels == 1, rows, torch.where(labels == 0, negatives[:, 0], negatives[:, 1]))

@@ -276,7 +276,8 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
         lacking = ~allowed.any(dim=1)
         allowed[lacking] = others[lacking]
         replacement = bool(allowed.sum(dim=1).min() < count)
-        negatives = torch.multinomial(allowed.float(), count, replacement=replacement)  # (B, count)
+        # (B, count), from the step's generator: the same draws on any device
+        negatives = self.batch_shard(size).choose(allowed.float(), count, replacement=replacement)
         text_index = torch.cat([rows[:, None], negatives], dim=1).reshape(-1)  # positive first
         pixels = self.pixel_tokens(batch["pixel_values"], sample=self.cfg.pixel_sample_in_finetune)
         encoding = self.fuse(

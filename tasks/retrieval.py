@@ -115,15 +115,17 @@ def _pair_batch(batch: Batch, image_index: torch.Tensor, text_index: torch.Tenso
 
 
 def shared_matching_loss(model: nn.Module, head: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-    """ITM cross-entropy over each pair, a random other-image text per image, and a random other image per text."""
+    """ITM cross-entropy over each pair, a random other-image text per image, and a random other image per text
+    (of this process's batch, drawn from the step's generator: the same draws on a GPU as on the CPU)."""
     ids = batch["image_ids"]
     size = ids.shape[0]
     rows = torch.arange(size, device=ids.device)
     different = ids.view(-1, 1) != ids.view(1, -1)
     weights = different.float()
     weights[weights.sum(dim=1) == 0] = 1.0 - torch.eye(size, device=ids.device)[weights.sum(dim=1) == 0]
-    neg_text = torch.multinomial(weights, 1).squeeze(1)
-    neg_image = torch.multinomial(weights, 1).squeeze(1)
+    shard = model.batch_shard(size)
+    neg_text = shard.choose(weights).squeeze(1)
+    neg_image = shard.choose(weights).squeeze(1)
     image_index = torch.cat([rows, rows, neg_image])
     text_index = torch.cat([rows, neg_text, rows])
     logits = head(model.encode(_pair_batch(batch, image_index, text_index)), batch)

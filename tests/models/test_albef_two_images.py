@@ -159,3 +159,17 @@ def test_nlvr2_distils_from_the_momentum_copy_as_the_reference():
         torch.testing.assert_close(p_m, m * b + (1 - m) * p)
     assert head.eval().pair_teacher(model, first, second, step=1) is None  # evaluation: plain logits
     assert not hasattr(tiny_albef(distill=False).native_head("pair_classifier", 2), "layers_m")
+
+
+def test_text_assignment_draws_come_from_the_shard_not_the_global_rng():
+    """Negatives and labels from the model's batch shard (the step's CPU generator): the same whatever the global
+    RNG or the device's generator holds."""
+    from vlbench.models.global_batch import BatchShard
+
+    similarity = torch.randn(6, 6)
+    drawn = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        shard = BatchShard.of(6, training=True, generator=torch.Generator().manual_seed(3))
+        drawn.append(torch.stack(text_assignment_pairs(similarity, shard=shard)))
+    assert torch.equal(drawn[0], drawn[1])

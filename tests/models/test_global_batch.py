@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vlbench.models.global_batch import BatchShard
@@ -26,3 +27,14 @@ def test_training_draws_come_from_the_step_generator():
     generator = torch.Generator().manual_seed(5)
     drawn = BatchShard.of(2, training=True, generator=generator).uniform(3, device=torch.device("cpu"))
     assert torch.equal(drawn, torch.rand((2, 3), generator=torch.Generator().manual_seed(5)))
+
+
+def test_choosing_with_replacement_follows_the_weights_and_skips_zero_weights():
+    weights = torch.tensor([[0.0, 1.0, 3.0, 0.0]]).repeat(20_000, 1)
+    shard = BatchShard.of(20_000, training=True, generator=torch.Generator().manual_seed(1))
+    drawn = shard.choose(weights, count=3, replacement=True)
+    assert drawn.shape == (20_000, 3) and set(drawn.unique().tolist()) == {1, 2}
+    assert (drawn == 2).float().mean().item() == pytest.approx(0.75, abs=0.01)  # ∝ 1 : 3
+    assert (drawn[:, 0] == drawn[:, 1]).any()  # with replacement a column may repeat within a row
+    again = BatchShard.of(20_000, training=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again.choose(weights, count=3, replacement=True), drawn)

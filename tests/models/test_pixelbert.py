@@ -1,6 +1,8 @@
 """Pixel-BERT: shapes of the encoding and every head, random pixel sampling (count, randomness, when it applies),
 MLM/ITM pre-training (finite, learnable, gradients reach the CNN and every parameter), local CNN weights."""
 
+import dataclasses
+
 import pytest
 import timm
 import torch
@@ -293,3 +295,22 @@ def test_training_samples_pixels_from_the_step_generator_not_the_device_rng():
     before = torch.get_rng_state()
     assert torch.equal(drawn(1), drawn(1)) and not torch.equal(drawn(1), drawn(2))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_retrieval_negatives_come_from_the_step_generator(monkeypatch):
+    model = tiny_pixelbert().train()
+    model.ctx = dataclasses.replace(model.ctx, sample_generator=torch.Generator())
+    seen = []
+    fuse = model.fuse
+
+    def recording_fuse(input_ids, attention_mask, pixel_tokens):
+        seen.append(input_ids[:, 1].tolist())
+        return fuse(input_ids, attention_mask, pixel_tokens)
+
+    monkeypatch.setattr(model, "fuse", recording_fuse)
+    batch = make_batch()
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        model.ctx.sample_generator.manual_seed(11)
+        model.retrieval_losses(batch, step=0)
+    assert seen[0] == seen[1]
