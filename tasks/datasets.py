@@ -58,15 +58,15 @@ class VisualReader:
         require_feature_dim(self.region_store, expected, what)
 
     def load(self, ref: ImageRef) -> Any:
-        if self.kind == "pixels":
-            return self.image_loader(ref.path)
+        if self.kind == "pixels":  # uint8: normalised once per batch in ``collate``
+            return self.image_loader.pixels(ref.path)
         if self.kind == "regions":
             return self.region_store[ref.key]
         return None
 
     def collate(self, loaded: list[Any], suffix: str = "") -> dict[str, torch.Tensor]:
         if self.kind == "pixels":
-            return {f"pixel_values{suffix}": torch.stack(loaded)}
+            return {f"pixel_values{suffix}": self.image_loader.normalise(torch.stack(loaded))}
         if self.kind == "regions":
             from vlbench.data.regions import pad_regions
 

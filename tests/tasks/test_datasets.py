@@ -75,3 +75,15 @@ def test_region_batches_are_padded_to_the_stores_largest_image_not_beyond(tmp_pa
     batch = dataset.collate([dataset[0], dataset[1]])
     assert batch["region_features"].shape == (2, 5, 4)  # the store's largest image (key 2), not this batch's 3
     assert batch["region_mask"].sum(1).tolist() == [2, 3]
+
+
+def test_images_are_normalised_per_batch_exactly_as_one_by_one(tmp_path):
+    """Examples carry uint8 pixels (a quarter of the bytes to stack and to pass between loader processes); the batch
+    is normalised once, with every value equal to normalising each image alone."""
+    loader = ImageLoader(8, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], cache=True)
+    paths = [_png(tmp_path / f"{k}.png", (37 * k, 255 - 20 * k, 3 * k)) for k in range(5)]
+    reader = VisualReader("pixels", image_loader=loader)
+    loaded = [reader.load(ImageRef(p, str(k))) for k, p in enumerate(paths)]
+    assert all(x.dtype == torch.uint8 and x.shape == (3, 8, 8) and x.is_contiguous() for x in loaded)
+    batch = reader.collate(loaded)["pixel_values"]
+    assert batch.dtype == torch.float32 and torch.equal(batch, torch.stack([loader(p) for p in paths]))

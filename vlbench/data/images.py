@@ -36,13 +36,25 @@ class ImageLoader:
             raise VlbenchError(f"{path}: image file not found") from e
         except (UnidentifiedImageError, OSError) as e:
             raise VlbenchError(f"{path}: not a readable image ({e})") from e
-        return torch.from_numpy(array).permute(2, 0, 1)  # (3, S, S) uint8
+        # (3, S, S) uint8, contiguous: a channels-last view would make every later op and the batch's stack a strided
+        # copy (stacking 64 such 384-px images took 0.7 s instead of ~0.03 s)
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def pixels(self, path: Path) -> torch.Tensor:
+        """The image as (3, S, S) uint8, from the cache when it is on."""
+        if not self.cache:
+            return self._decode(path)
+        pixels = self._decoded.get(path)
+        if pixels is None:
+            pixels = self._decoded[path] = self._decode(path)
+        return pixels
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(..., 3, S, S) uint8 → normalised float. Element-wise, so a stacked batch normalised at once equals its
+        images normalised one by one, bit for bit — and stacking uint8 moves a quarter of the bytes. In place on one
+        new float tensor: a batch-sized temporary per operation costs fresh pages each time."""
+        out = pixels.to(torch.float32, copy=True)
+        return out.div_(255.0).sub_(self.mean).div_(self.std)
 
     def __call__(self, path: Path) -> torch.Tensor:
-        if self.cache:
-            pixels = self._decoded.get(path)
-            if pixels is None:
-                pixels = self._decoded[path] = self._decode(path)
-        else:
-            pixels = self._decode(path)
-        return (pixels.float() / 255.0 - self.mean) / self.std
+        return self.normalise(self.pixels(path))
