@@ -36,8 +36,8 @@ class ImageLoader:
             raise VlbenchError(f"{path}: image file not found") from e
         except (UnidentifiedImageError, OSError) as e:
             raise VlbenchError(f"{path}: not a readable image ({e})") from e
-        # (3, S, S) uint8, contiguous: a channels-last view would make every later op and the batch's stack a strided
-        # copy (stacking 64 such 384-px images took 0.7 s instead of ~0.03 s)
+        # (3, S, S) uint8, contiguous: a channels-last view would make every later op and the batch's stack strided
+        # copies (64 images at 384 px: 202 ms to normalise and stack on one core, 118 ms from contiguous uint8)
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
     def pixels(self, path: Path) -> torch.Tensor:
