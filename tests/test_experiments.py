@@ -105,3 +105,4 @@ def test_budget_presets_fix_samples_batch_and_resolution_for_every_model(budget)
 def test_suite_starts_fine_tuning_from_pretraining_and_skips_finished_runs():
     cfg = _compose("+experiment=suite", "model=lxmert", "task=gqa", "seed=2")
     assert cfg.init_from == "pretrained" and cfg.reuse_finished and cfg.results_dir == "results/runs"
+    assert cfg.resume == "auto"  # a re-launched grid continues its killed runs (tests/test_preemption.py)

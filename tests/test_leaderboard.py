@@ -177,3 +177,50 @@ def test_archived_records_rebuild_the_same_table_without_weights(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["--archive", str(tmp_path / "nowhere"), "--root", str(archive)])
     assert "--archive" in capsys.readouterr().err
+
+
+def test_student_t_quantiles_match_the_tables():
+    from vlbench.reproduction import student_t_quantile
+
+    table = {(0.975, 1): 12.7062, (0.975, 2): 4.3027, (0.975, 3): 3.1824, (0.975, 10): 2.2281, (0.95, 5): 2.0150}
+    for (p, df), expected in table.items():
+        assert student_t_quantile(p, df) == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(VlbenchError, match="0.5 < p < 1"):
+        student_t_quantile(0.3, 4)
+
+
+def test_reproduction_judges_each_rerun_against_the_reference_prediction_interval(tmp_path, capsys):
+    reference, reruns = tmp_path / "reference", tmp_path / "reruns"
+    for seed, accuracy in enumerate((80.0, 82.0, 84.0)):  # mean 82, std 2: 95 % interval ± 4.3027 · 2 · √(4/3)
+        write_result(reference, f"vqa{seed}", seed=seed, metrics={"accuracy": accuracy})
+        write_result(reference, f"base{seed}", seed=seed, model="textonly", metrics={"accuracy": 50.0})
+    write_result(reference, "gqa0", task="gqa", metrics={"accuracy": 40.0})  # one seed: nothing to judge against
+    write_result(reruns, "vqa0", seed=0, metrics={"accuracy": 91.0})  # z = +4.5 but inside ± 9.94
+    write_result(reruns, "vqa1", seed=1, metrics={"accuracy": 72.0})  # 10 below: outside
+    write_result(reruns, "base0", seed=0, model="textonly", metrics={"accuracy": 50.0})  # exactly the baseline
+    write_result(reruns, "gqa0", task="gqa", metrics={"accuracy": 47.0})
+    write_result(reruns, "nlvr0", task="nlvr2", metrics={"accuracy": 47.0})  # no reference row at all
+    from vlbench.reproduction import compare_with_reference
+
+    table = compare_with_reference(read_runs(reruns), read_runs(reference)).set_index(["model", "task", "seed"])
+    half_width = 4.302653 * 2 * (4 / 3) ** 0.5
+    vqa0, vqa1 = table.loc[("albef", "vqa", 0)], table.loc[("albef", "vqa", 1)]
+    assert vqa0["reference_mean"] == 82.0 and vqa0["reference_std"] == pytest.approx(2.0)
+    assert vqa0["half_width"] == pytest.approx(half_width, abs=1e-5) and vqa0["z"] == pytest.approx(4.5)
+    assert vqa0["within"] and vqa0["same_seed_reference"] == 80.0
+    assert not vqa1["within"] and vqa1["same_seed_reference"] == 82.0
+    assert table.loc[("textonly", "vqa", 0), "within"] and table.loc[("textonly", "vqa", 0), "half_width"] == 0.0
+    for unjudged in (("albef", "gqa", 0), ("albef", "nlvr2", 0)):
+        assert pd.isna(table.loc[unjudged, "within"])
+
+    with pytest.raises(SystemExit) as stopped:  # the CLI: a table, the verdict line, exit 1 (one run is outside)
+        main(["--root", str(reruns), "--reproduce", str(reference)])
+    assert stopped.value.code == 1
+    out = capsys.readouterr().out
+    assert "reproduction: 2 of 3 re-runs inside the reference seeds' 95 % prediction interval" in out
+    assert "outside: albef vqa seed 1 (72.00 vs 82.00 ± 2.00)" in out
+    board = tmp_path / "board.csv"
+    with pytest.raises(SystemExit) as stopped:  # the filters apply: the baseline alone is inside
+        main(["--root", str(reruns), "--reproduce", str(reference), "--model", "textonly", "--out", str(board)])
+    assert stopped.value.code == 0 and "1 of 1 re-runs inside" in capsys.readouterr().out
+    assert not board.exists()  # a check writes no table

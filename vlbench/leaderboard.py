@@ -266,6 +266,26 @@ def example_scores(run_dir: Path, split: str = "test") -> dict[str, float]:
     return {str(k): float(v) for k, v in _read_json(path).items()}
 
 
+def _filtered(runs: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
+    if args.task:
+        runs = runs[runs["task"].isin(args.task)]
+    if args.model:
+        runs = runs[runs["model"].isin(args.model)]
+    if runs.empty:
+        raise VlbenchError("no run matches the --task/--model filters")
+    return runs
+
+
+def _report_reproduction(args: argparse.Namespace) -> int:
+    from vlbench.reproduction import compare_with_reference, outside, report_markdown
+
+    table = compare_with_reference(
+        _filtered(read_runs(Path(args.root)), args), read_runs(Path(args.reproduce)), args.level
+    )
+    print(report_markdown(table, args.level))
+    return 1 if not outside(table).empty else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlbench-leaderboard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="results/runs", help="directory searched for result.json / failed.json")
@@ -281,10 +301,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--archive", metavar="RUNS", help="first copy the records (no weights) of the runs under RUNS into --root"
     )
+    parser.add_argument(
+        "--reproduce",
+        metavar="REFERENCE",
+        help="compare each finished run under --root with the reference records under REFERENCE (their seed spread); "
+        "writes nothing, exits 1 when a run falls outside",
+    )
+    parser.add_argument(
+        "--level", type=float, default=0.95, help="--reproduce: level of the prediction interval (default 0.95)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.archive:
             print(f"archived the records of {archive_records(Path(args.archive), Path(args.root))} runs in {args.root}")
+        if args.reproduce:
+            sys.exit(_report_reproduction(args))
         if args.compare:
             a, b = (example_scores(Path(d), args.split) for d in args.compare)
             r = paired_bootstrap(a, b)
@@ -293,14 +324,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"(95 % CI [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}])  paired bootstrap p = {r['p_value']:.4f}"
             )
             return
-        runs = read_runs(Path(args.root))
-        if args.task:
-            runs = runs[runs["task"].isin(args.task)]
-        if args.model:
-            runs = runs[runs["model"].isin(args.model)]
-        if runs.empty:
-            raise VlbenchError("no run matches the --task/--model filters")
-        table = aggregate(runs)
+        table = aggregate(_filtered(read_runs(Path(args.root)), args))
         if args.by:
             if args.by not in table.columns:
                 raise VlbenchError(f"--by {args.by}: not a column (choose from {', '.join(table.columns)})")
