@@ -20,7 +20,7 @@ export COMPILE_LIBRARIES := import compileall, importlib.util, os, re; \
 	[compileall.compile_dir(os.path.dirname(importlib.util.find_spec(name).origin), quiet=1, workers=0, \
 	rx=re.compile(r'[/\\](tests?|testing)[/\\]')) for name in ('torch', 'torchvision', 'timm')]
 
-.PHONY: setup demo test test-all lint leaderboard device-wheels device-check clean
+.PHONY: setup demo test test-all lint leaderboard reproduce device-wheels device-check clean
 
 setup: $(STAMP)
 
@@ -66,13 +66,26 @@ GRID_JOBS ?= 2
 GRID_THREADS ?= 1
 GRID = OMP_NUM_THREADS=$(GRID_THREADS) $(BIN)/vlbench -m +experiment=suite budget=tiny_96k trainer.progress=false \
 	hydra/launcher=joblib hydra.launcher.n_jobs=$(GRID_JOBS)
+# the grid's three sweeps (pre-training, fine-tuning, baselines), each with the extra overrides $(1)
+GRID_SWEEPS = $(GRID) $(1) model=$(GRID_MODELS) task=pretrain seed=$(GRID_SEEDS) || true; \
+	$(GRID) $(1) model=$(GRID_MODELS) task=vqa,gqa,nlvr2,retrieval seed=$(GRID_SEEDS) || true; \
+	$(GRID) $(1) init_from=null model=textonly,majority task=vqa,gqa,nlvr2 seed=$(GRID_SEEDS) || true
 leaderboard: $(STAMP)
 	@start=$$(date +%s); \
-	$(GRID) model=$(GRID_MODELS) task=pretrain seed=$(GRID_SEEDS) || true; \
-	$(GRID) model=$(GRID_MODELS) task=vqa,gqa,nlvr2,retrieval seed=$(GRID_SEEDS) || true; \
-	$(GRID) init_from=null model=textonly,majority task=vqa,gqa,nlvr2 seed=$(GRID_SEEDS) || true; \
+	$(call GRID_SWEEPS,); \
 	$(BIN)/vlbench-leaderboard --archive results/runs --root results/reference --out results/leaderboard.csv && \
 	echo "leaderboard wall time: $$(( $$(date +%s) - start )) s (git $$(git rev-parse --short HEAD))"
+
+# Reproduce the reference leaderboard (or a part: GRID_MODELS, GRID_SEEDS) from scratch and check it: the same grid,
+# run under REPRO_ROOT (git-ignored, outside results/ so that neither grid reuses the other's runs, and killed runs
+# continue when re-launched), then every re-run judged against the records in results/reference — inside the
+# reference seeds' 95 % prediction interval or not (`vlbench-leaderboard --reproduce`; exit status 1 if one is not).
+REPRO_ROOT ?= outputs/reproduce
+reproduce: $(STAMP)
+	@start=$$(date +%s); \
+	$(call GRID_SWEEPS,results_dir=$(REPRO_ROOT)/runs hydra.sweep.dir=$(REPRO_ROOT)/runs reuse_root=$(REPRO_ROOT)); \
+	echo "reproduction wall time: $$(( $$(date +%s) - start )) s (git $$(git rev-parse --short HEAD))"; \
+	$(BIN)/vlbench-leaderboard --root $(REPRO_ROOT)/runs --reproduce results/reference
 
 # GPU checks (tests/test_gpu.py and the base-scale bf16 bench) on a GPU machine that has CUDA torch, timm and
 # transformers but no package index: `make device-wheels` here puts the pure-Python rest into .whl/ (git-ignored;

@@ -2,8 +2,10 @@
 
 import itertools
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -224,3 +226,27 @@ def test_reproduction_judges_each_rerun_against_the_reference_prediction_interva
         main(["--root", str(reruns), "--reproduce", str(reference), "--model", "textonly", "--out", str(board)])
     assert stopped.value.code == 0 and "1 of 1 re-runs inside" in capsys.readouterr().out
     assert not board.exists()  # a check writes no table
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_reproduce_runs_the_grid_apart_from_the_reference_and_checks_it(tmp_path):
+    """`make reproduce` must neither reuse the reference records nor write into results/: every grid command runs
+    under REPRO_ROOT (runs, sweep directory, reuse root), and the last line judges the re-runs against the records."""
+    root = tmp_path / "repro"
+    repo = Path(__file__).resolve().parents[1]
+
+    def commands(target):
+        dry = subprocess.run(["make", "-n", "--no-print-directory", target, f"REPRO_ROOT={root}", "GRID_SEEDS=0"],
+                             cwd=repo, capture_output=True, text=True, check=True)  # fmt: skip
+        return [c.strip() for c in dry.stdout.replace("\\\n", " ").split(";") if "bin/vlbench" in c]
+
+    reproduce = commands("reproduce")
+    grid = [c for c in reproduce if "bin/vlbench -m" in c]
+    assert len(grid) == 3  # pre-training, fine-tuning, baselines
+    for command in grid:
+        for override in (f"results_dir={root}/runs", f"hydra.sweep.dir={root}/runs", f"reuse_root={root}"):
+            assert override in command.split(), (override, command)
+    assert reproduce[-1].endswith(f"vlbench-leaderboard --root {root}/runs --reproduce results/reference")
+    leaderboard = commands("leaderboard")
+    assert len([c for c in leaderboard if "bin/vlbench -m" in c]) == 3
+    assert not any(str(root) in c for c in leaderboard)  # the reference grid keeps its own places
