@@ -202,6 +202,10 @@ def test_reproduction_judges_each_rerun_against_the_reference_prediction_interva
     write_result(reruns, "base0", seed=0, model="textonly", metrics={"accuracy": 50.0})  # exactly the baseline
     write_result(reruns, "gqa0", task="gqa", metrics={"accuracy": 47.0})
     write_result(reruns, "nlvr0", task="nlvr2", metrics={"accuracy": 47.0})  # no reference row at all
+    (reruns / "vqa2").mkdir()  # a re-run that raised: not reproduced, whatever the reference
+    failed = {"model": "albef", "task": "vqa", "scale": "tiny", "seed": 2, "head": "shared", "data": "synthetic",
+              "setting_overrides": [], "error": "VlbenchError: boom"}  # fmt: skip
+    (reruns / "vqa2" / "failed.json").write_text(json.dumps(failed))
     from vlbench.reproduction import compare_with_reference
 
     table = compare_with_reference(read_runs(reruns), read_runs(reference)).set_index(["model", "task", "seed"])
@@ -211,6 +215,7 @@ def test_reproduction_judges_each_rerun_against_the_reference_prediction_interva
     assert vqa0["half_width"] == pytest.approx(half_width, abs=1e-5) and vqa0["z"] == pytest.approx(4.5)
     assert vqa0["within"] and vqa0["same_seed_reference"] == 80.0
     assert not vqa1["within"] and vqa1["same_seed_reference"] == 82.0
+    assert table.loc[("albef", "vqa", 2), "within"] is False and "boom" in table.loc[("albef", "vqa", 2), "error"]
     assert table.loc[("textonly", "vqa", 0), "within"] and table.loc[("textonly", "vqa", 0), "half_width"] == 0.0
     for unjudged in (("albef", "gqa", 0), ("albef", "nlvr2", 0)):
         assert pd.isna(table.loc[unjudged, "within"])
@@ -219,8 +224,8 @@ def test_reproduction_judges_each_rerun_against_the_reference_prediction_interva
         main(["--root", str(reruns), "--reproduce", str(reference)])
     assert stopped.value.code == 1
     out = capsys.readouterr().out
-    assert "reproduction: 2 of 3 re-runs inside the reference seeds' 95 % prediction interval" in out
-    assert "outside: albef vqa seed 1 (72.00 vs 82.00 ± 2.00)" in out
+    assert "reproduction: 2 of 4 re-runs inside the reference seeds' 95 % prediction interval" in out
+    assert "outside: albef vqa seed 1 (72.00 vs 82.00 ± 2.00), albef vqa seed 2 (failed: VlbenchError: boom)" in out
     board = tmp_path / "board.csv"
     with pytest.raises(SystemExit) as stopped:  # the filters apply: the baseline alone is inside
         main(["--root", str(reruns), "--reproduce", str(reference), "--model", "textonly", "--out", str(board)])

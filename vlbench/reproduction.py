@@ -56,24 +56,29 @@ def prediction_half_width(std: float, n: int, level: float = 0.95) -> float:
 
 
 def compare_with_reference(reruns: pd.DataFrame, reference: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
-    """One row per finished re-run: its value, the reference row's mean/std/n, the same seed's reference value,
-    z-score, the prediction interval's half-width and ``within`` (the verdict). Re-runs with no reference row, or
-    with one reference seed (no spread), get ``within = NaN`` and are not judged."""
+    """One row per re-run: its value, the reference row's mean/std/n, the same seed's reference value, z-score, the
+    prediction interval's half-width and ``within`` (the verdict). A failed re-run is judged not reproduced (its
+    error in ``error``); re-runs with no reference row, or one reference seed (no spread), get ``within = NaN``."""
     if not 0 < level < 1:
         raise VlbenchError(f"--level {level}: expected a probability between 0 and 1")
-    finished = reruns[reruns["status"] == "finished"]
-    if finished.empty:
-        raise VlbenchError("no finished run to compare with the reference")
+    if reruns.empty or not reruns["status"].isin(["finished", "failed"]).any():
+        raise VlbenchError("no finished or failed run to compare with the reference")
     ref = reference[reference["status"] == "finished"].copy()
     for key in ROW_KEYS:
         ref[key] = ref[key].fillna("").astype(str)
     groups = {key: group for key, group in ref.groupby(ROW_KEYS, sort=False)}
     rows = []
-    for run in finished.itertuples(index=False):
+    for run in reruns.itertuples(index=False):
         key = tuple("" if pd.isna(getattr(run, k)) else str(getattr(run, k)) for k in ROW_KEYS)
         row = dict(zip(ROW_KEYS, key, strict=True))
         value = float(run.value) if run.value is not None and not pd.isna(run.value) else math.nan
-        row.update({"seed": run.seed, "main_metric": run.main_metric, "value": value, "git_sha": run.git_sha})
+        row.update({"seed": run.seed, "main_metric": run.main_metric, "value": value, "git_sha": run.git_sha,
+                    "error": run.error if run.status == "failed" else None})  # fmt: skip
+        if run.status == "failed":  # a re-run that raised did not reproduce anything
+            row.update(reference_mean=math.nan, reference_std=math.nan, reference_n=0, same_seed_reference=math.nan,
+                       z=math.nan, half_width=math.nan, within=False)  # fmt: skip
+            rows.append(row)
+            continue
         group = groups.get(key)
         if group is None or group["value"].dropna().empty:
             row.update(reference_mean=math.nan, reference_std=math.nan, reference_n=0, same_seed_reference=math.nan,
@@ -119,6 +124,7 @@ def report_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
         spread = f"{_number(r.reference_mean)} ± {_number(r.reference_std)} ({r.reference_n})"
         z = "—" if math.isnan(r.z) else (f"{r.z:+.2f}" if math.isfinite(r.z) else f"{r.z:+}")
         verdict = "—" if isinstance(r.within, float) and math.isnan(r.within) else ("yes" if r.within else "**no**")
+        verdict += " (failed)" if isinstance(r.error, str) else ""
         lines.append(
             f"| {r.model} | {r.task} | {setting} | {r.seed} | {r.main_metric} | {_number(r.value)} "
             f"| {_number(r.same_seed_reference)} | {spread} | {z} | ± {_number(r.half_width)} | {verdict} |"
@@ -141,7 +147,12 @@ def verdict_line(table: pd.DataFrame, level: float = 0.95) -> str:
     )
     if not out.empty:
         line += "; outside: " + ", ".join(
-            f"{r.model} {r.task} seed {r.seed} ({r.value:.2f} vs {r.reference_mean:.2f} ± {r.reference_std:.2f})"
+            f"{r.model} {r.task} seed {r.seed} "
+            + (
+                f"(failed: {r.error})"
+                if isinstance(r.error, str)
+                else f"({r.value:.2f} vs {r.reference_mean:.2f} ± {r.reference_std:.2f})"
+            )
             for r in out.itertuples(index=False)
         )
     return line
