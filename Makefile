@@ -54,8 +54,8 @@ test-all: lint
 
 # The reference leaderboard: every model pre-trained and fine-tuned on every task, 3 seeds, the tiny_96k budget, plus
 # the blind baselines; finished runs are skipped and killed ones continue from their last checkpoint (resume=auto).
-# Failed jobs are recorded (failed.json) and shown in the table. The records of finished runs (no weights) are archived in
-# results/reference/ (kept in git) and the table is built from there, so the grid may run in parts, e.g.
+# Failed jobs are recorded (failed.json) and shown in the table. The records of finished runs (no weights) are
+# archived in results/reference/ (kept in git) and the table is built from there, so the grid may run in parts, e.g.
 # `make leaderboard GRID_MODELS=albef GRID_SEEDS=0` (a part runs whole model × seed chains: an archived pre-training
 # run has no weights to fine-tune from). Jobs run GRID_JOBS at a time (joblib) with GRID_THREADS torch threads each:
 # on 2 cores, 2 jobs × 1 thread do ~30 % more runs per hour than 1 × 2 (small GEMMs scale badly across threads).

@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reproduce",
         metavar="REFERENCE",
-        help="compare each finished run under --root with the reference records under REFERENCE (their seed spread); "
-        "writes nothing, exits 1 when a run falls outside",
+        help="judge each finished or failed run under --root against the reference records under REFERENCE (their "
+        "seed spread); writes nothing, exits 1 when a run falls outside or failed",
     )
     parser.add_argument(
         "--level", type=float, default=0.95, help="--reproduce: level of the prediction interval (default 0.95)"

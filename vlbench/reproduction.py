@@ -4,9 +4,12 @@ A re-run of the grid (or of a part of it, say one model × seed chain) on anothe
 bitwise equal to the records it re-does: CPU kernels round differently and 1,500 tiny steps amplify it. What the
 leaderboard promises is agreement *up to the seed-to-seed spread it states*. So each finished re-run is compared with
 the reference rows of the same model × task × setting: the mean and standard deviation over the reference seeds, the
-z-score of the re-run's value against them, the value the reference run of the same seed got, and a verdict,
-``|value − mean| ≤ tolerance × std`` (default 2; where the reference seeds agree exactly, as for blind baselines,
-the re-run must equal them).
+z-score of the re-run's value against them, the value the reference run of the same seed got, and a verdict: is the
+value inside the reference seeds' 95 % *prediction interval* for one more seed,
+``mean ± t(0.975, n − 1) · std · sqrt(1 + 1/n)``? Why a prediction interval and not "± 2 std": with 3 seeds the
+sample std is itself uncertain (it understates the spread about half the time), and a new run is a new draw, not
+the mean — the Student-t prediction interval accounts for both (for n = 3 it is ± 4.97 std). Where the reference
+seeds agree exactly (blind baselines) the re-run must equal them. A re-run that failed reproduced nothing.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ import numpy as np
 import pandas as pd
 
 from vlbench.errors import VlbenchError
+from vlbench.leaderboard import GROUP_KEYS as ROW_KEYS  # a re-run is compared with its leaderboard row
 
-# the keys of a leaderboard row (vlbench.leaderboard.GROUP_KEYS): a re-run is compared with the same row
-ROW_KEYS = ["model", "task", "scale", "head", "data", "setting"]
+# the columns of a re-run that is not judged against a spread (no reference row, one reference seed, or failed)
+UNJUDGED = {"reference_mean": math.nan, "reference_std": math.nan, "reference_n": 0, "same_seed_reference": math.nan,
+            "z": math.nan, "half_width": math.nan, "within": math.nan}  # fmt: skip
+
 EXACT = 1e-6  # reference seeds that agree to this are a point, not a spread
 
 
@@ -74,16 +80,9 @@ def compare_with_reference(reruns: pd.DataFrame, reference: pd.DataFrame, level:
         value = float(run.value) if run.value is not None and not pd.isna(run.value) else math.nan
         row.update({"seed": run.seed, "main_metric": run.main_metric, "value": value, "git_sha": run.git_sha,
                     "error": run.error if run.status == "failed" else None})  # fmt: skip
-        if run.status == "failed":  # a re-run that raised did not reproduce anything
-            row.update(reference_mean=math.nan, reference_std=math.nan, reference_n=0, same_seed_reference=math.nan,
-                       z=math.nan, half_width=math.nan, within=False)  # fmt: skip
-            rows.append(row)
-            continue
         group = groups.get(key)
-        if group is None or group["value"].dropna().empty:
-            row.update(reference_mean=math.nan, reference_std=math.nan, reference_n=0, same_seed_reference=math.nan,
-                       z=math.nan, half_width=math.nan, within=math.nan)  # fmt: skip
-            rows.append(row)
+        if run.status == "failed" or group is None or group["value"].dropna().empty:
+            rows.append({**row, **UNJUDGED, "within": False if run.status == "failed" else math.nan})
             continue
         values = group["value"].dropna().astype(float).to_numpy()
         mean = float(values.mean())
