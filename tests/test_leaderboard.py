@@ -220,7 +220,7 @@ def test_reproduction_judges_each_rerun_against_the_reference_prediction_interva
     for unjudged in (("albef", "gqa", 0), ("albef", "nlvr2", 0)):
         assert pd.isna(table.loc[unjudged, "within"])
 
-    with pytest.raises(SystemExit) as stopped:  # the CLI: a table, the verdict line, exit 1 (one run is outside)
+    with pytest.raises(SystemExit) as stopped:  # the CLI: table, verdict, exit 1 (2 not reproduced)
         main(["--root", str(reruns), "--reproduce", str(reference)])
     assert stopped.value.code == 1
     out = capsys.readouterr().out
