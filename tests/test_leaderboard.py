@@ -226,6 +226,7 @@ def test_reproduction_judges_each_rerun_against_the_reference_prediction_interva
     out = capsys.readouterr().out
     assert "reproduction: 2 of 4 re-runs inside the reference seeds' 95 % prediction interval" in out
     assert "outside: albef vqa seed 1 (72.00 vs 82.00 ± 2.00), albef vqa seed 2 (failed: VlbenchError: boom)" in out
+    assert "re-runs' summed run time: 180 s (0.05 h, one process each)" in out  # 5 finished × 36 s, the failed none
     board = tmp_path / "board.csv"
     with pytest.raises(SystemExit) as stopped:  # the filters apply: the baseline alone is inside
         main(["--root", str(reruns), "--reproduce", str(reference), "--model", "textonly", "--out", str(board)])

@@ -79,7 +79,7 @@ def compare_with_reference(reruns: pd.DataFrame, reference: pd.DataFrame, level:
         row = dict(zip(ROW_KEYS, key, strict=True))
         value = float(run.value) if run.value is not None and not pd.isna(run.value) else math.nan
         row.update({"seed": run.seed, "main_metric": run.main_metric, "value": value, "git_sha": run.git_sha,
-                    "error": run.error if run.status == "failed" else None})  # fmt: skip
+                    "wall_s": run.wall_s, "error": run.error if run.status == "failed" else None})  # fmt: skip
         group = groups.get(key)
         if run.status == "failed" or group is None or group["value"].dropna().empty:
             rows.append({**row, **UNJUDGED, "within": False if run.status == "failed" else math.nan})
@@ -128,7 +128,10 @@ def report_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
             f"| {r.model} | {r.task} | {setting} | {r.seed} | {r.main_metric} | {_number(r.value)} "
             f"| {_number(r.same_seed_reference)} | {spread} | {z} | ± {_number(r.half_width)} | {verdict} |"
         )
-    return "\n".join(lines) + "\n\n" + verdict_line(table, level) + "\n"
+    # across re-launches of an interrupted grid the command's own wall time covers one launch; the runs' sum all
+    run_time = pd.to_numeric(table["wall_s"], errors="coerce").sum()
+    summed = f"re-runs' summed run time: {run_time:,.0f} s ({run_time / 3600:.2f} h, one process each)"
+    return "\n".join(lines) + "\n\n" + verdict_line(table, level) + "\n" + summed + "\n"
 
 
 def outside(table: pd.DataFrame) -> pd.DataFrame:
