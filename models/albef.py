@@ -136,6 +136,7 @@ class AlbefTowers(nn.Module):
 @MODELS.register("albef")
 class ALBEF(VisionLanguageModel):
     visual_input = "pixels"
+    inputs_replaced_by_tokens = ("pixel_values", "input_ids")
 
     def __init__(self, cfg: DictConfig, ctx: ModelContext):
         super().__init__()
@@ -241,9 +242,12 @@ class ALBEF(VisionLanguageModel):
             tokens["text_tokens"] = self.online.text_encoder(batch["input_ids"], batch["attention_mask"])
         return tokens
 
-    def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
+    def encode_from_tokens(self, tokens: Batch) -> JointEncoding:
         fused = self.online.fuse(tokens["text_tokens"], tokens["attention_mask"], tokens["image_tokens"])
-        return self.itm_head(fused[:, 0])[:, 1]
+        return JointEncoding(pooled=fused[:, 0], tokens=fused, mask=tokens["attention_mask"])
+
+    def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
+        return self.itm_head(self.encode_from_tokens(tokens).pooled)[:, 1]
 
     def _align_and_match(self, batch: Batch, step: int):
         """ITC (+ momentum distillation, queues) and ITM with hard negatives; momentum/queue updates only in training.

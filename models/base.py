@@ -80,6 +80,9 @@ class VisionLanguageModel(nn.Module):
     """Base class: the runner and tasks use only these members."""
 
     visual_input: ClassVar[str] = "pixels"  # pixels | regions | none
+    # raw inputs that ``encode_from_tokens`` does not read once ``unimodal_tokens`` are cached (retrieval leaves
+    # them out of its pair batches)
+    inputs_replaced_by_tokens: ClassVar[tuple[str, ...]] = ()
     hidden_size: int
     # False for the 2nd…k-th micro-batch of an accumulated optimizer step (set by the runner): state that the reference
     # updates once per iteration (ALBEF's momentum EMA) is updated on the first only, so accumulating k micro-batches
@@ -127,10 +130,16 @@ class VisionLanguageModel(nn.Module):
         return None
 
     def unimodal_tokens(self, batch: Batch) -> dict[str, torch.Tensor] | None:
-        """Per-example unimodal encodings that ``match_scores_from_tokens`` fuses (ALBEF: image tokens from pixels,
-        text tokens from ids), so retrieval encodes each image and caption once and runs only the fusion per pair;
-        None when the model cannot split matching this way."""
+        """Per-example unimodal encodings that ``encode_from_tokens`` fuses (ALBEF: image tokens from pixels, text
+        tokens from ids), so retrieval encodes each image and caption once and runs only the fusion per pair; None
+        when the model cannot split its encoding this way. A model that returns them implements
+        ``encode_from_tokens`` (and ``match_scores_from_tokens`` when it has ``match_scores``)."""
         return None
+
+    def encode_from_tokens(self, tokens: Batch) -> JointEncoding:
+        """``encode`` of a batch of pairs from cached ``unimodal_tokens`` (plus the pairs' raw inputs, e.g.
+        ``attention_mask``): equal to ``encode`` of the raw pairs in evaluation."""
+        raise NotImplementedError
 
     def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
         """``match_scores`` from cached ``unimodal_tokens`` of a batch of pairs (plus ``attention_mask``)."""

@@ -199,6 +199,7 @@ def sample_answers(scores: torch.Tensor, usable: torch.Tensor, shard: BatchShard
 class LXMERT(PooledNativeHeads, VisionLanguageModel):
     objective_kinds = ("pretrain",)  # retrieval uses the shared matching head (no native ranking objective)
     visual_input = "regions"
+    inputs_replaced_by_tokens = ("region_features", "region_boxes", "input_ids")
     pretrain_uses_qa = True  # the pretrain task adds LXMERT's image-QA pairs (qa_targets, qa_mask) for this model
 
     def __init__(self, cfg: DictConfig, ctx: ModelContext):
@@ -242,14 +243,47 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
         """The matching head's positive logit per pair: retrieval reranks with it."""
         return self.match_head(self.encode(batch).pooled)[:, 1]
 
+    def unimodal_tokens(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The language and object-relationship encoders' outputs: each stream is unimodal until the cross-modality
+        layers, so retrieval encodes each caption and image once and runs only those layers per pair."""
+        tokens = {}
+        if "region_features" in batch:
+            tokens["object_states"] = self._object_states(
+                batch["region_features"], batch["region_boxes"], batch.get("region_mask")
+            )
+        if "input_ids" in batch:
+            tokens["language_states"] = self._language_states(
+                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+            )
+        return tokens
+
+    def encode_from_tokens(self, tokens: Batch) -> JointEncoding:
+        streams = self._cross(
+            tokens["language_states"], tokens["attention_mask"], tokens["object_states"], tokens.get("region_mask")
+        )
+        return JointEncoding(pooled=streams.pooled, tokens=streams.language, mask=tokens["attention_mask"])
+
+    def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
+        return self.match_head(self.encode_from_tokens(tokens).pooled)[:, 1]
+
     def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """MLM, masked-object (feature, label, attribute), matching and — from ``qa_start_step`` — QA losses."""
         return self.losses_from(self.corrupt(batch, step))
 
     # ----- pre-training -------------------------------------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, features, boxes, region_mask=None, token_type_ids=None):
-        language = self.language_encoder(self.embeddings(input_ids, token_type_ids), attention_mask)
-        vision = self.object_encoder(self.visual_embeddings(features, boxes), region_mask)
+        language = self._language_states(input_ids, attention_mask, token_type_ids)
+        vision = self._object_states(features, boxes, region_mask)
+        return self._cross(language, attention_mask, vision, region_mask)
+
+    def _language_states(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        return self.language_encoder(self.embeddings(input_ids, token_type_ids), attention_mask)
+
+    def _object_states(self, features, boxes, region_mask=None) -> torch.Tensor:
+        return self.object_encoder(self.visual_embeddings(features, boxes), region_mask)
+
+    def _cross(self, language, attention_mask, vision, region_mask=None) -> LxmertStreams:
+        """The cross-modality layers and the pooler over the two unimodal streams."""
         for layer in self.cross_encoder:
             language, vision = layer(language, attention_mask, vision, region_mask)
         return LxmertStreams(language=language, vision=vision, pooled=torch.tanh(self.pooler(language[:, 0])))

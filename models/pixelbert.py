@@ -165,6 +165,7 @@ class PixelEmbeddings(nn.Module):
 @MODELS.register("pixelbert")
 class PixelBERT(PooledNativeHeads, VisionLanguageModel):
     visual_input = "pixels"
+    inputs_replaced_by_tokens = ("pixel_values",)
 
     def __init__(self, cfg: DictConfig, ctx: ModelContext):
         super().__init__()
@@ -256,9 +257,13 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
             return {}
         return {"pixel_tokens": self.pixel_tokens(batch["pixel_values"], sample=False)}
 
+    def encode_from_tokens(self, tokens: Batch) -> JointEncoding:
+        return self.fuse(
+            tokens["input_ids"], tokens["attention_mask"], tokens["pixel_tokens"], tokens.get("token_type_ids")
+        )
+
     def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
-        encoding = self.fuse(tokens["input_ids"], tokens["attention_mask"], tokens["pixel_tokens"])
-        return self._match_score(encoding.pooled)
+        return self._match_score(self.encode_from_tokens(tokens).pooled)
 
     def retrieval_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Ranking: softmax cross-entropy of each image's caption against ``retrieval_negatives`` captions of other

@@ -262,6 +262,7 @@ def check_choices(cfg: DictConfig) -> None:
 @MODELS.register("unimo3")
 class UNIMO3(PooledNativeHeads, VisionLanguageModel):
     visual_input = "pixels"
+    inputs_replaced_by_tokens = ("pixel_values", "input_ids")
 
     def __init__(self, cfg: DictConfig, ctx: ModelContext):
         super().__init__()
@@ -347,9 +348,12 @@ class UNIMO3(PooledNativeHeads, VisionLanguageModel):
             tokens["text_levels"] = self.text_levels(batch["input_ids"], batch["attention_mask"])
         return tokens
 
-    def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
+    def encode_from_tokens(self, tokens: Batch) -> JointEncoding:
         fused = self.fuse(tokens["text_levels"], tokens["attention_mask"], tokens["image_levels"])
-        return self.itm_head(fused.pooled)[:, 1]
+        return JointEncoding(pooled=fused.pooled, tokens=fused.text, mask=tokens["attention_mask"])
+
+    def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
+        return self.itm_head(self.encode_from_tokens(tokens).pooled)[:, 1]
 
     # ----- objectives --------------------------------------------------------------------------------------------
     def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:

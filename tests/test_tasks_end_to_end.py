@@ -179,6 +179,44 @@ def test_retrieval_auto_scoring_uses_itc_only_when_the_model_trained_it(make_cfg
     assert task._scoring_for(model, native=False, visual_batch=visual_batch) == "itm"
 
 
+@pytest.mark.parametrize("model_name", ["albef", "pixelbert"])
+def test_shared_head_retrieval_scores_pairs_from_cached_unimodal_tokens(make_cfg, monkeypatch, model_name):
+    """With the shared ITM head, retrieval encodes each image and caption once and fuses per pair: the same scores as
+    encoding every pair from its raw inputs, without running the image encoder per pair."""
+    from vlbench.data.text import load_tokenizer
+    from vlbench.models.base import ModelContext
+    from vlbench.registry import MODELS
+    from vlbench.runner import TaskModel
+    from vlbench.tasks.base import EvalContext
+    from vlbench.tasks.retrieval import RetrievalTask
+
+    cfg = make_cfg(f"model={model_name}", "task=retrieval", *SMALL_FORMATS)
+    root = resolve_data_root(cfg.data, "karpathy")
+    tok = load_tokenizer(cfg.data.tokenizer, root)
+    task = RetrievalTask(cfg.task, cfg.data, root, tok, "pixels")
+    torch.manual_seed(0)
+    model = MODELS.get(model_name)(cfg.model, ModelContext(len(tok), 0, 2, 3, 4, 64))
+    net = TaskModel(model, task.build_shared_head(model.hidden_size), task).eval()
+    ctx = EvalContext(torch.device("cpu"), batch_size=16)
+    calls = {"encode": 0}
+    encode = model.encode
+
+    def counting_encode(batch):
+        calls["encode"] += 1
+        return encode(batch)
+
+    monkeypatch.setattr(model, "encode", counting_encode)
+    cached_predictions = task.predict_split(net, "val", ctx)
+    cached_scores, _, _, scoring = task._scores["val"]
+    assert scoring == "itm" and calls["encode"] == 0  # every pair went through encode_from_tokens
+    monkeypatch.setattr(model, "unimodal_tokens", lambda batch: None)
+    direct_predictions = task.predict_split(net, "val", ctx)
+    direct_scores = task._scores["val"][0]
+    assert calls["encode"] > 0
+    torch.testing.assert_close(cached_scores, direct_scores, atol=1e-5, rtol=1e-5)
+    assert cached_scores.std() > 0 and cached_predictions == direct_predictions
+
+
 def test_vqa_with_albef_native_answer_decoder(make_cfg, tmp_path):
     run_dir = tmp_path / "run"
     result = run(make_cfg("model=albef", "task=vqa", "head=native", "model.answer_rank_k=4"), run_dir)

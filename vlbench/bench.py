@@ -271,7 +271,8 @@ def bench_retrieval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     def timed(name: str, scoring: str, match_fn=None, extra: float = 0.0) -> None:
         start = time.perf_counter()
-        i2t, t2i = score_retrieval(model, match_fn, visual, text, ctx, scoring, args.k, n_images)
+        unused = model.inputs_replaced_by_tokens if match_fn is not None else ()
+        i2t, t2i = score_retrieval(model, match_fn, visual, text, ctx, scoring, args.k, n_images, unused)
         seconds = time.perf_counter() - start + extra
         recalls = retrieval_recalls(i2t, eval_set.txt2img, sims_t2i=t2i)
         results[name] = {"seconds": seconds, "i2t_r1": recalls["tr_r1"], "t2i_r1": recalls["ir_r1"]}

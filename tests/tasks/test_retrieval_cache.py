@@ -1,5 +1,6 @@
 """Retrieval's ITM scoring from cached unimodal tokens equals scoring each pair from raw inputs."""
 
+import pytest
 import torch
 
 from tests.models.test_albef import make_batch, tiny_albef
@@ -32,9 +33,53 @@ def test_cached_itm_scores_equal_per_pair_encoding():
 
 
 def test_models_without_unimodal_tokens_are_not_cached():
-    from tests.models.test_lxmert import tiny_lxmert
+    from tests.models.test_unimo3 import tiny_unimo3
 
-    model = tiny_lxmert().eval()
-    visual = {"region_features": torch.randn(2, 3, 147), "region_boxes": torch.rand(2, 3, 4)}
+    model = tiny_unimo3(retrieval_cache=False).eval()
+    visual = {"pixel_values": torch.randn(2, 3, 32, 32)}
     ctx = EvalContext(device=torch.device("cpu"), batch_size=4)
     assert not cache_unimodal_tokens(model, visual, {"input_ids": torch.ones(2, 3, dtype=torch.long)}, ctx)
+    assert "pixel_values" in visual and set(visual) == {"pixel_values"}
+
+
+def _model_and_batch(name: str):
+    if name == "albef":
+        return tiny_albef().eval(), make_batch(batch_size=4)
+    if name == "lxmert":
+        from tests.models.test_lxmert import make_batch as lxmert_batch
+        from tests.models.test_lxmert import tiny_lxmert
+
+        return tiny_lxmert().eval(), lxmert_batch(batch_size=4)
+    if name == "pixelbert":
+        from tests.models.test_pixelbert import make_batch as pixelbert_batch
+        from tests.models.test_pixelbert import tiny_pixelbert
+
+        return tiny_pixelbert().eval(), pixelbert_batch(batch_size=4)
+    from tests.models.test_unimo3 import make_batch as unimo3_batch
+    from tests.models.test_unimo3 import tiny_unimo3
+
+    return tiny_unimo3().eval(), unimo3_batch(batch_size=4)
+
+
+@pytest.mark.parametrize("name", ["albef", "lxmert", "pixelbert", "unimo3"])
+@torch.no_grad()
+def test_every_model_encodes_pairs_from_cached_tokens_as_from_raw_inputs(name):
+    """The shared retrieval head scores pairs from ``encode_from_tokens`` over per-image and per-caption caches: it must
+    be ``encode`` of the raw pairs (pooled output and tokens), for mismatched pairs too."""
+    model, batch = _model_and_batch(name)
+    text_keys = ("input_ids", "attention_mask")
+    images = {k: v for k, v in batch.items() if k not in text_keys}
+    texts = {k: batch[k] for k in text_keys}
+    image_tokens, text_tokens = model.unimodal_tokens(images), model.unimodal_tokens(texts)
+    assert image_tokens and text_tokens.keys().isdisjoint(image_tokens)
+    image_index, text_index = torch.tensor([0, 1, 2, 3, 3, 0]), torch.tensor([0, 1, 2, 3, 0, 2])
+    raw = {**{k: v[image_index] for k, v in images.items()}, **{k: v[text_index] for k, v in texts.items()}}
+    cached = {  # without the raw inputs the tokens replace: encode_from_tokens must not read them
+        **{k: v for k, v in raw.items() if k not in model.inputs_replaced_by_tokens},
+        **{k: v[image_index] for k, v in image_tokens.items()},
+        **{k: v[text_index] for k, v in text_tokens.items()},
+    }
+    direct, from_cache = model.encode(raw), model.encode_from_tokens(cached)
+    torch.testing.assert_close(from_cache.pooled, direct.pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_cache.tokens, direct.tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.match_scores_from_tokens(cached), model.match_scores(raw), atol=1e-5, rtol=1e-5)
