@@ -252,10 +252,11 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
         return self._match_score(self.encode(batch).pooled)
 
     def unimodal_tokens(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Each image's pixel tokens (the CNN runs once per image in retrieval); text needs no separate encoding."""
+        """Each image's pixel tokens, sampled as ``encode`` samples them (the CNN runs once per image in retrieval);
+        text needs no separate encoding."""
         if "pixel_values" not in batch:
             return {}
-        return {"pixel_tokens": self.pixel_tokens(batch["pixel_values"], sample=False)}
+        return {"pixel_tokens": self.pixel_tokens(batch["pixel_values"], sample=self.cfg.pixel_sample_in_finetune)}
 
     def encode_from_tokens(self, tokens: Batch) -> JointEncoding:
         return self.fuse(

@@ -102,16 +102,37 @@ class SharedMatchHead(nn.Module):
         return self.classifier(encoding.pooled)
 
 
-def _pair_batch(batch: Batch, image_index: torch.Tensor, text_index: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Rows pairing image ``image_index[r]`` with text ``text_index[r]`` of the same batch."""
+def _pair_batch(
+    batch: Batch, image_index: torch.Tensor, text_index: torch.Tensor, skip: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """Rows pairing image ``image_index[r]`` with text ``text_index[r]`` of the same batch (without ``skip``)."""
     pairs = {}
     for key, value in batch.items():
+        if key in skip:
+            continue
         if key in ("input_ids", "attention_mask"):
             pairs[key] = value[text_index]
         elif key in VISUAL_KEYS:
             pairs[key] = value[image_index]
     pairs["group_ids"] = batch["group_ids"][text_index]
     return pairs
+
+
+def encode_pairs(model: nn.Module, batch: Batch, image_index: torch.Tensor, text_index: torch.Tensor):
+    """The joint encoding of pairs (image ``image_index[r]``, text ``text_index[r]``) of a batch. A model with
+    ``unimodal_tokens`` encodes each image and text of the batch once and fuses per pair, as ALBEF's reference
+    does for its ITM negatives (they index the batch's unimodal embeddings); others encode every pair. The unimodal
+    encoders then see each image once: their BatchNorm statistics (Pixel-BERT's CNN) are the batch's, not weighted
+    by how often an image was drawn, and an image's pairs share its dropout masks."""
+    images = {k: v for k, v in batch.items() if k in VISUAL_KEYS}
+    image_tokens = model.unimodal_tokens(images) if images else None
+    if image_tokens is None:
+        return model.encode(_pair_batch(batch, image_index, text_index))
+    text_tokens = model.unimodal_tokens({k: batch[k] for k in ("input_ids", "attention_mask")})
+    pairs = _pair_batch(batch, image_index, text_index, skip=model.inputs_replaced_by_tokens)
+    pairs.update({name: tokens[image_index] for name, tokens in image_tokens.items()})
+    pairs.update({name: tokens[text_index] for name, tokens in text_tokens.items()})
+    return model.encode_from_tokens(pairs)
 
 
 def shared_matching_loss(model: nn.Module, head: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
@@ -128,7 +149,7 @@ def shared_matching_loss(model: nn.Module, head: nn.Module, batch: Batch) -> dic
     neg_image = shard.choose(weights).squeeze(1)
     image_index = torch.cat([rows, rows, neg_image])
     text_index = torch.cat([rows, neg_text, rows])
-    logits = head(model.encode(_pair_batch(batch, image_index, text_index)), batch)
+    logits = head(encode_pairs(model, batch, image_index, text_index), batch)
     labels = torch.cat([torch.ones(size), torch.zeros(2 * size)]).long().to(logits.device)
     return {"itm": F.cross_entropy(logits.float(), labels)}
 

@@ -1,5 +1,7 @@
 """Retrieval's ITM scoring from cached unimodal tokens equals scoring each pair from raw inputs."""
 
+import copy
+
 import pytest
 import torch
 
@@ -83,3 +85,67 @@ def test_every_model_encodes_pairs_from_cached_tokens_as_from_raw_inputs(name):
     torch.testing.assert_close(from_cache.pooled, direct.pooled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(from_cache.tokens, direct.tokens, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.match_scores_from_tokens(cached), model.match_scores(raw), atol=1e-5, rtol=1e-5)
+
+
+def _matching_loss_and_grads(model, batch, cached: bool, seed: int = 3):
+    from vlbench.tasks.retrieval import SharedMatchHead, shared_matching_loss
+
+    torch.manual_seed(0)
+    head = SharedMatchHead(model.hidden_size, dropout=0.0)
+    model.zero_grad()
+    if cached:
+
+        def encode(pairs):
+            raise AssertionError("the cached path encodes no pair from its raw inputs")
+
+        model.encode = encode
+    else:
+        model.unimodal_tokens = lambda inputs: None  # the per-pair path: every pair encoded from its raw inputs
+    torch.manual_seed(seed)  # the same negatives both ways
+    loss = shared_matching_loss(model, head, batch)["itm"]
+    loss.backward()
+    model.__dict__.pop("unimodal_tokens", None)
+    model.__dict__.pop("encode", None)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("name", ["albef", "lxmert", "unimo3"])
+def test_shared_matching_loss_from_cached_tokens_equals_encoding_every_pair(name):
+    """Retrieval fine-tuning with the shared head encodes each image and caption of the batch once and fuses its
+    positive and negative pairs: the same loss and gradients as encoding all 3 × B pairs (tiny presets: no dropout,
+    no BatchNorm), so it is a speed-up, not another objective."""
+    model, batch = _model_and_batch(name)
+    model.train()
+    batch = {**batch, "image_ids": torch.arange(4), "group_ids": torch.arange(4)}
+    loss, grads = _matching_loss_and_grads(model, batch, cached=True)
+    direct_loss, direct_grads = _matching_loss_and_grads(model, batch, cached=False)
+    torch.testing.assert_close(loss, direct_loss, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == direct_grads.keys() and len(grads) > 10
+    for key in grads:
+        torch.testing.assert_close(grads[key], direct_grads[key], atol=1e-6, rtol=1e-4, msg=key)
+
+
+def test_pixelbert_matching_runs_its_cnn_once_per_image_of_the_batch():
+    """Pixel-BERT's CNN (BatchNorm in training) sees the batch's images once, not each image as often as it was drawn
+    into pairs: its running statistics move as after one forward pass over the batch; in evaluation mode (fixed
+    statistics) the loss and gradients equal those of encoding every pair."""
+    from tests.models.test_pixelbert import make_batch as pixelbert_batch
+    from tests.models.test_pixelbert import tiny_pixelbert
+
+    model, batch = tiny_pixelbert(), pixelbert_batch(batch_size=4)
+    batch = {**batch, "group_ids": torch.arange(4)}
+    expected = copy.deepcopy(model).train()
+    expected.pixel_tokens(batch["pixel_values"], sample=False)
+    model.train()
+    _matching_loss_and_grads(model, batch, cached=True)
+    running = {k: v for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    assert running
+    for key, value in running.items():
+        torch.testing.assert_close(value, expected.state_dict()[key], msg=key)
+    model.eval()
+    loss, grads = _matching_loss_and_grads(model, batch, cached=True)
+    direct_loss, direct_grads = _matching_loss_and_grads(model, batch, cached=False)
+    torch.testing.assert_close(loss, direct_loss, atol=1e-6, rtol=1e-5)
+    for key in grads:
+        torch.testing.assert_close(grads[key], direct_grads[key], atol=1e-6, rtol=1e-4, msg=key)
