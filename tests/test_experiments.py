@@ -4,6 +4,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from vlbench.config_hash import config_hash, setting_hash
 from vlbench.runner import run
 
 PAPER = {  # experiment: (task, head, image size, lr, epochs, effective batch)
@@ -106,3 +107,7 @@ def test_suite_starts_fine_tuning_from_pretraining_and_skips_finished_runs():
     cfg = _compose("+experiment=suite", "model=lxmert", "task=gqa", "seed=2")
     assert cfg.init_from == "pretrained" and cfg.reuse_finished and cfg.results_dir == "results/runs"
     assert cfg.resume == "auto"  # a re-launched grid continues its killed runs (tests/test_preemption.py)
+    # from a checkpoint at most 250 steps back; when to checkpoint is not part of what a run computes
+    assert cfg.trainer.checkpoint_every == 250
+    plain = _compose("+experiment=suite", "model=lxmert", "task=gqa", "seed=2", "trainer.checkpoint_every=0")
+    assert config_hash(cfg) == config_hash(plain) and setting_hash(cfg) == setting_hash(plain)

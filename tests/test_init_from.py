@@ -151,6 +151,22 @@ def test_reuse_finished_skips_a_finished_configuration(make_cfg, tmp_path):
     assert changed["seed"] == 1 and (tmp_path / "c" / "result.json").exists()
 
 
+def test_a_record_hashed_before_a_key_became_results_neutral_is_still_reused(make_cfg, tmp_path):
+    """Hashes are recomputed from a record's saved config under today's results-neutral keys: a record written when
+    ``trainer.checkpoint_every`` still counted (its stored hash includes it) matches a new run that checkpoints every
+    250 steps; without its config.yaml only the stored hash can match."""
+    run(make_cfg("model=textonly", "trainer.max_steps=2"), tmp_path / "old")
+    result = json.loads((tmp_path / "old" / "result.json").read_text())
+    result["config_hash"] = "0123456789ab"  # as the older definition computed it
+    (tmp_path / "old" / "result.json").write_text(json.dumps(result))
+    reuse = ("reuse_finished=true", f"reuse_root={tmp_path}", "trainer.max_steps=2", "trainer.checkpoint_every=250")
+    run(make_cfg("model=textonly", *reuse), tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "reused.json").read_text()) == {"run_dir": str(tmp_path / "old")}
+    (tmp_path / "old" / "config.yaml").unlink()
+    run(make_cfg("model=textonly", *reuse), tmp_path / "newer")
+    assert (tmp_path / "newer" / "result.json").exists() and not (tmp_path / "newer" / "reused.json").exists()
+
+
 def test_archived_records_are_reused_but_a_pretraining_run_only_with_its_weights(make_cfg, tmp_path, pretrained_run):
     """Records archived for the reference leaderboard (no checkpoints): a finished fine-tuning configuration is
     skipped, but a pre-training run is not, since fine-tuning would have to start from its weights."""

@@ -235,7 +235,7 @@ def test_adamw_kernels_train_the_same_model(make_cfg, tmp_path):
 
 def test_speed_switches_leave_the_config_hash(make_cfg):
     # runs may resume, be reused or initialise others across these switches (and across their introduction)
-    from vlbench.results import config_hash
+    from vlbench.config_hash import config_hash
 
     switched = make_cfg(
         "model=pixelbert", "trainer.compile=true", "model.channels_last=false", "trainer.optimizer_impl=loop"

@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from vlbench.config_hash import config_differences
 from vlbench.errors import VlbenchError
-from vlbench.results import config_differences
 from vlbench.safe_load import key_problems, read_safetensors
 
 MODEL_PREFIX = "model."  # TaskModel's model sub-module

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vlbench.config_hash import record_hashes
 from vlbench.errors import VlbenchError
 
 GROUP_KEYS = ["model", "task", "scale", "head", "data", "setting"]
@@ -86,10 +87,11 @@ def run_row(path: Path, record: dict, status: str) -> dict:
     metrics = record.get("metrics", {})
     main = record.get("main_metric")
     row = {key: record.get(key) for key in ("model", "task", "scale", "head", "data", "seed", "split")}
+    config_hash, setting_hash = record_hashes(path.parent, record)  # today's results-neutral keys
     row.update(
         {
             "setting": _setting_of(record),
-            "setting_hash": record.get("setting_hash") or record.get("config_hash"),
+            "setting_hash": setting_hash,
             "status": status,
             "error": record.get("error"),
             "run_dir": str(path.parent),
@@ -104,7 +106,7 @@ def run_row(path: Path, record: dict, status: str) -> dict:
             "device_hours": (record.get("wall_s") or 0) * record.get("num_devices", 1) / 3600,
             "device": record.get("device"),
             "git_sha": record.get("git_sha"),
-            "config_hash": record.get("config_hash"),
+            "config_hash": config_hash,
         }
     )
     for name, value in metrics.items():

@@ -20,26 +20,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_model
 
+from vlbench.config_hash import NON_SEMANTIC_KEYS
 from vlbench.errors import VlbenchError
 from vlbench.safe_load import load_safetensors_into, read_safetensors_metadata, read_torch_file
-
-# Keys that do not change what a run computes (where it is written, how it is shown, when it stops to resume).
-NON_SEMANTIC_KEYS = (
-    "results_dir",
-    "run_id",
-    "resume",
-    "reuse_finished",
-    "reuse_root",
-    "trainer.progress",
-    "trainer.stop_at_step",
-    "trainer.max_bad_steps",
-    "trainer.activation_checkpointing",  # memory savers: the same numbers (a run may resume with or without them)
-    "trainer.fsdp",
-    "trainer.compile",  # speed only: the same numbers up to float rounding (compiled or not, channels-last or not)
-    "model.channels_last",
-    "trainer.optimizer_impl",  # AdamW's kernel (fused, foreach, loop): the same update up to float rounding
-    "logger",
-)
 
 # What resume reads from a checkpoint's trainer state (``init_from`` is optional: runs from scratch have none).
 TRAINER_STATE_KEYS = ("step", "best_value", "best_step", "rng", "optimizer", "scheduler")
@@ -67,29 +50,6 @@ def atomic_write_json(path: Path, obj: object) -> None:
     _atomic_write(path, write)
 
 
-def semantic_config(cfg: DictConfig) -> dict:
-    """The resolved config minus the keys that do not change results."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    for dotted in NON_SEMANTIC_KEYS:
-        node = container
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
-    return container
-
-
-def config_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(json.dumps(semantic_config(cfg), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def setting_hash(cfg: DictConfig) -> str:
-    """The config hash without the seed and the init source: every seed of one setting shares it (a fine-tuning seed
-    usually starts from its own pre-training seed's run)."""
-    reduced = {k: v for k, v in semantic_config(cfg).items() if k not in ("seed", "init_from")}
-    return hashlib.sha256(json.dumps(reduced, sort_keys=True).encode()).hexdigest()[:12]
-
-
 # Overrides that are their own leaderboard columns or do not change results; the rest name a run's setting.
 _NON_SETTING_OVERRIDES = {"model", "task", "seed", "scale", "head", "data", "init_from", "experiment"}
 
@@ -108,18 +68,6 @@ def setting_overrides() -> list[str]:
             continue
         out.append(override)
     return sorted(out)
-
-
-def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        name = f"{prefix}{k}"
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += config_differences(a[k], b[k], name + ".")
-        elif a.get(k) != b.get(k):
-            out.append(f"{name}: {a.get(k)!r} → {b.get(k)!r}")
-    return out
 
 
 def git_sha(repo: Path | None = None) -> str | None:

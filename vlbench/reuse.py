@@ -13,8 +13,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from vlbench.config_hash import config_differences, config_hash, record_hashes, semantic_config
 from vlbench.errors import VlbenchError
-from vlbench.results import config_differences, config_hash, semantic_config
 
 PRETRAINED = "pretrained"  # the init_from keyword
 
@@ -47,7 +47,7 @@ def find_same_run(root: Path, cfg: DictConfig, also: Path | None = None) -> Path
     if also is not None and (Path(also) / "result.json").exists():
         runs += [(Path(also), json.loads((Path(also) / "result.json").read_text(encoding="utf-8")))]
     needs_weights = cfg.task.name == "pretrain"
-    matches = [d for d, r in runs if r.get("config_hash") == wanted and (has_weights(d) or not needs_weights)]
+    matches = [d for d, r in runs if record_hashes(d, r)[0] == wanted and (has_weights(d) or not needs_weights)]
     return matches[-1] if matches else None
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from vlbench.config_hash import config_differences, config_hash, semantic_config, setting_hash
 from vlbench.data.sources import dataset_json_files, resolve_data_root
 from vlbench.data.text import load_tokenizer
 from vlbench.distributed import (
@@ -59,14 +60,10 @@ from vlbench.registry import MODELS, TASKS
 from vlbench.results import (
     RunRecord,
     atomic_write_json,
-    config_differences,
-    config_hash,
     device_description,
     file_fingerprints,
     git_sha,
     package_versions,
-    semantic_config,
-    setting_hash,
     setting_overrides,
 )
 from vlbench.reuse import find_same_run, resolve_init_from

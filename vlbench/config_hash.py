@@ -1,0 +1,83 @@
+"""Configuration hashes: which runs computed the same thing.
+
+Why a module of its own: reuse (skip a finished run), ``init_from=pretrained`` and the leaderboard all compare runs by
+their resolved config minus the keys that change no result; the leaderboard reads records without importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
+
+# Keys that do not change what a run computes (where it is written, how it is shown, when it stops to resume).
+NON_SEMANTIC_KEYS = (
+    "results_dir",
+    "run_id",
+    "resume",
+    "reuse_finished",
+    "reuse_root",
+    "trainer.progress",
+    "trainer.stop_at_step",
+    "trainer.checkpoint_every",  # when to save a resumable checkpoint: saving reads state, changes none
+    "trainer.max_bad_steps",
+    "trainer.activation_checkpointing",  # memory savers: the same numbers (a run may resume with or without them)
+    "trainer.fsdp",
+    "trainer.compile",  # speed only: the same numbers up to float rounding (compiled or not, channels-last or not)
+    "model.channels_last",
+    "trainer.optimizer_impl",  # AdamW's kernel (fused, foreach, loop): the same update up to float rounding
+    "logger",
+)
+
+
+def semantic_config(cfg: DictConfig) -> dict:
+    """The resolved config minus the keys that do not change results."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in NON_SEMANTIC_KEYS:
+        node = container
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return container
+
+
+def config_hash(cfg: DictConfig) -> str:
+    return hashlib.sha256(json.dumps(semantic_config(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def setting_hash(cfg: DictConfig) -> str:
+    """The config hash without the seed and the init source: every seed of one setting shares it (a fine-tuning seed
+    usually starts from its own pre-training seed's run)."""
+    reduced = {k: v for k, v in semantic_config(cfg).items() if k not in ("seed", "init_from")}
+    return hashlib.sha256(json.dumps(reduced, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def record_hashes(run_dir: Path, record: dict) -> tuple[str | None, str | None]:
+    """(config hash, setting hash) of a recorded run under today's results-neutral keys: recomputed from the run's
+    saved config.yaml, so a record written before a key was declared neutral still matches a new run of the same
+    configuration; the record's own hashes when it saved no config."""
+    saved = Path(run_dir) / "config.yaml"
+    if saved.exists():
+        try:
+            cfg = OmegaConf.load(saved)
+            return config_hash(cfg), setting_hash(cfg)
+        except (OSError, YAMLError, OmegaConfBaseException):  # unreadable: what the record says
+            pass
+    return record.get("config_hash"), record.get("setting_hash") or record.get("config_hash")
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        name = f"{prefix}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += config_differences(a[k], b[k], name + ".")
+        elif a.get(k) != b.get(k):
+            out.append(f"{name}: {a.get(k)!r} → {b.get(k)!r}")
+    return out
