@@ -43,7 +43,10 @@ Choices the paper leaves open (or that we could not check against its text offli
   two-layer MLP on the pooled output (the shared heads give the controlled comparison).
 - Retrieval fine-tuning: softmax cross-entropy of each caption's score with its image against ``retrieval_negatives``
   captions of other images of the batch (drawn with replacement when the batch has fewer); the score is the ITM
-  head's log-odds, which orders pairs as P(match) does, so a pre-trained ITM head ranks from the start.
+  head's log-odds, which orders pairs as P(match) does, so a pre-trained ITM head ranks from the start. With the
+  shared matching head (``tasks/retrieval.py``) the CNN runs once per image of the batch and its pixel tokens are
+  reused by the image's positive and negative pairs: BatchNorm sees each image once (before b9f5aa4 it saw an image
+  as often as it was drawn into the batch's 3 × B pairs).
 - Nothing is pre-trained or downloaded: ``cnn_init`` loads a local timm state dict into the CNN. The transformer starts
   from random weights (the paper starts from BERT-base).
 """

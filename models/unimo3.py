@@ -38,7 +38,8 @@ Choices the abstract leaves open, and ours (a config field wherever it is a choi
   ITM re-ranking).
 - Retrieval re-ranks from cached unimodal encodings (``unimodal_tokens``): with ``cross_layer_source=unimodal`` the
   cache holds every level the cross-modal layers read, ``unimodal_levels`` times ALBEF's cache (base, 5k COCO test
-  images at 384 px: ~100 GB instead of ~9). ``retrieval_cache=false`` re-encodes each pair instead; or lower
+  images at 384 px: ~100 GB instead of ~9). ``retrieval_cache=false`` re-encodes each pair instead (in evaluation,
+  and in shared-head retrieval training, which otherwise encodes each image and caption of a batch once); or lower
   ``unimodal_levels``.
 """
 
