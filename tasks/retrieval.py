@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from vlbench.data.files import format_template, read_json, require_fields
 from vlbench.errors import VlbenchError
-from vlbench.models.base import Batch, ModelObjectives, VisionLanguageModel
+from vlbench.models.base import Batch, JointEncoding, ModelObjectives, VisionLanguageModel
 from vlbench.models.layers import MLPClassifier
 from vlbench.registry import TASKS
 from vlbench.tasks.base import EvalContext, EvalResult, Task, pad_sequences, to_device, write_json_predictions
@@ -118,7 +118,7 @@ def _pair_batch(
     return pairs
 
 
-def encode_pairs(model: nn.Module, batch: Batch, image_index: torch.Tensor, text_index: torch.Tensor):
+def encode_pairs(model: nn.Module, batch: Batch, image_index: torch.Tensor, text_index: torch.Tensor) -> JointEncoding:
     """The joint encoding of pairs (image ``image_index[r]``, text ``text_index[r]``) of a batch. A model with
     ``unimodal_tokens`` encodes each image and text of the batch once and fuses per pair, as ALBEF's reference
     does for its ITM negatives (they index the batch's unimodal embeddings); others encode every pair. The unimodal
@@ -128,7 +128,7 @@ def encode_pairs(model: nn.Module, batch: Batch, image_index: torch.Tensor, text
     image_tokens = model.unimodal_tokens(images) if images else None
     if image_tokens is None:
         return model.encode(_pair_batch(batch, image_index, text_index))
-    text_tokens = model.unimodal_tokens({k: batch[k] for k in ("input_ids", "attention_mask")})
+    text_tokens = model.unimodal_tokens({k: batch[k] for k in ("input_ids", "attention_mask")}) or {}
     pairs = _pair_batch(batch, image_index, text_index, skip=model.inputs_replaced_by_tokens)
     pairs.update({name: tokens[image_index] for name, tokens in image_tokens.items()})
     pairs.update({name: tokens[text_index] for name, tokens in text_tokens.items()})
