@@ -156,6 +156,30 @@ def test_resume_auto_starts_a_new_run_and_continues_a_stopped_one(make_cfg, tmp_
     assert finished["steps"] == 4 and logged_steps(tmp_path / "r") == [1, 2, 3, 4]
 
 
+def test_a_relaunched_grid_neither_resumes_nor_rewrites_a_finished_run(make_cfg, tmp_path):
+    """The grid (+experiment=suite: resume=auto, reuse_finished=true) re-launched over its own run directories: a
+    finished run keeps its record as it was (it used to be resumed at its last step: evaluated again, its record
+    rewritten with the wall time of that evaluation alone); a stopped one continues, its wall time covering both
+    launches."""
+    overrides = (
+        "model=textonly",
+        "trainer.max_steps=4",
+        "resume=auto",
+        "reuse_finished=true",
+        f"reuse_root={tmp_path}",
+    )
+    run(make_cfg(*overrides, "trainer.stop_at_step=2"), tmp_path / "r")
+    first_launch = torch.load(tmp_path / "r" / "checkpoints" / "last.state.pt", weights_only=True)["wall_s"]
+    finished = run(make_cfg(*overrides), tmp_path / "r")
+    assert finished["wall_s"] > first_launch > 0
+    record = (tmp_path / "r" / "result.json").read_bytes()
+    log = (tmp_path / "r" / "metrics.jsonl").read_bytes()
+    assert run(make_cfg(*overrides), tmp_path / "r") == finished
+    assert (tmp_path / "r" / "result.json").read_bytes() == record and (
+        tmp_path / "r" / "metrics.jsonl"
+    ).read_bytes() == log
+
+
 def test_a_kill_between_the_renames_of_a_save_recovers_the_newest_whole_pair(tmp_path):
     """Replays ``save_resumable_checkpoint``'s file operations stopped after each one: recovery always finds a
     whole pair (weights and trainer state of one step), the new one as soon as both its files are complete."""

@@ -397,8 +397,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.resume and procs.is_main:  # a kill between the renames of a checkpoint save: put the newest pair back
         record.recover_resumable_checkpoint("last")
     procs.barrier()
-    # resume=auto (requeued jobs): continue this run directory when it holds a checkpoint, else start it
-    if cfg.resume and (cfg.resume != "auto" or record.has_checkpoint("last")):
+    # resume=auto (requeued jobs): continue this run directory when it holds a checkpoint, else start it; a run that
+    # finished there is not resumed (it would be evaluated again and its record rewritten) but reused or refused below
+    unfinished_checkpoint = record.has_checkpoint("last") and not record.result_path.exists()
+    if cfg.resume and (cfg.resume != "auto" or unfinished_checkpoint):
         saved = record.saved_config()
         if saved is None or not record.has_checkpoint("last"):
             raise VlbenchError(f"resume={cfg.resume}: no config.yaml and checkpoints/last.* there to resume from")
@@ -549,6 +551,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "init_from": init_report,
     }
 
+    # the launches before this one, up to their last checkpoint (work after it was lost and is redone here)
+    earlier_wall_s = resume_state.get("wall_s", 0.0) if resume_state is not None else 0.0
+
     def trainer_state() -> dict:
         return {
             "step": step,
@@ -561,6 +566,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "skipped_steps": skipped_steps,
             "bad_in_a_row": bad_in_a_row,
             "validation_due": validation_due,
+            "wall_s": earlier_wall_s + time.time() - started,  # a resumed run's wall time covers every launch
         }
 
     last_saved_step = step if resume_state is not None else None
@@ -792,7 +798,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     steps_run = step - start_step
     samples_per_second = steps_run * tcfg.batch_size * tcfg.grad_accum_steps / max(train_seconds, 1e-9)
-    wall = time.time() - started
+    wall = earlier_wall_s + time.time() - started
     manifest.update(
         {
             "wall_s": round(wall, 2),
