@@ -57,7 +57,9 @@ def test_nlvr2(make_cfg, tmp_path, model):
     assert rows and all(len(r) == 2 and r[1] in ("True", "False") for r in rows)
 
 
-@pytest.mark.parametrize(("model", "head"), [("albef", "shared"), ("albef", "native"), ("unimo3", "native")])
+@pytest.mark.parametrize(
+    ("model", "head"), [("albef", "shared"), ("albef", "native"), ("unimo3", "native"), ("lxmert", "shared")]
+)
 def test_retrieval(make_cfg, tmp_path, model, head):
     result = run(make_cfg(f"model={model}", "task=retrieval", f"head={head}", *SMALL_FORMATS), tmp_path / "run")
     metrics = result["metrics"]
