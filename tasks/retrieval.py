@@ -206,7 +206,7 @@ def score_retrieval(
 
     ``visual_batch`` is empty for models that eat no image (blind baselines): their scores then depend on text only.
     ``unused_by_pairs``: inputs ``match_fn`` does not read (raw pixels once their tokens are cached), not gathered
-    into pair batches — at 256 pairs of 64 px images that copy was a quarter of Pixel-BERT tiny's scoring time.
+    into pair batches — at 256 pairs of 64 px images that copy was 15–25 % of Pixel-BERT tiny's scoring time.
     """
     n_texts = text_batch["input_ids"].shape[0]
 
