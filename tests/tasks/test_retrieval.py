@@ -8,10 +8,11 @@ def test_shared_matching_negatives_come_from_the_step_generator_not_the_global_r
     seed): they are drawn from the model's batch shard, i.e. the runner's per-step CPU generator."""
     from types import SimpleNamespace
 
+    from vlbench.models.base import VisionLanguageModel
     from vlbench.models.global_batch import BatchShard
     from vlbench.tasks.retrieval import SharedMatchHead, shared_matching_loss
 
-    class Recorder(torch.nn.Module):
+    class Recorder(VisionLanguageModel):  # no unimodal tokens: every pair goes through encode
         def __init__(self):
             super().__init__()
             self.generator = torch.Generator()
