@@ -47,7 +47,14 @@ def find_same_run(root: Path, cfg: DictConfig, also: Path | None = None) -> Path
     if also is not None and (Path(also) / "result.json").exists():
         runs += [(Path(also), json.loads((Path(also) / "result.json").read_text(encoding="utf-8")))]
     needs_weights = cfg.task.name == "pretrain"
-    matches = [d for d, r in runs if record_hashes(d, r)[0] == wanted and (has_weights(d) or not needs_weights)]
+    same_job = (cfg.model.name, cfg.task.name, cfg.seed)  # read the saved configs of these only
+    matches = [
+        d
+        for d, r in runs
+        if (r.get("model"), r.get("task"), r.get("seed")) == same_job
+        and record_hashes(d, r)[0] == wanted
+        and (has_weights(d) or not needs_weights)
+    ]
     return matches[-1] if matches else None
 
 
