@@ -266,3 +266,37 @@ def test_a_cuda_profile_is_summarised_from_kernels_with_ops_listed_apart():
     assert profile["top_ops_ms"] == pytest.approx({"aten::mm": 6.0, "aten::mul": 3.0})
     assert profile["kernel_launches"] == 20 and profile["host_syncs"] == 3
     assert list(profile["top_kernels_ms"]) == list(kernels)
+
+
+def test_bench_threads_come_from_the_environment_not_a_runtime_switch(monkeypatch):
+    # torch.set_num_threads in a running process slows torch's CPU flash attention (use_threads' docstring): the count
+    # goes to OMP_NUM_THREADS, is set only when it differs, and the console command restarts once to start with it
+    import os
+    import sys
+
+    import torch
+
+    from vlbench import bench_models
+
+    calls, execs = [], []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(os, "execv", lambda path, args: execs.append(args))
+    monkeypatch.setattr(sys, "argv", ["vlbench-bench", "models", "--threads", "3"])
+    monkeypatch.delenv("VLBENCH_BENCH_RESTARTED", raising=False)
+    current = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "x")
+
+    bench_models.use_threads(0)
+    assert os.environ["OMP_NUM_THREADS"] == "x" and not calls  # torch's default: nothing touched
+    bench_models.use_threads(current)
+    assert os.environ["OMP_NUM_THREADS"] == str(current) and not calls  # the same count: no runtime switch
+    bench_models.use_threads(current + 1)
+    assert calls == [current + 1]
+
+    bench_models.restart_with_threads(current)
+    assert not execs
+    bench_models.restart_with_threads(current + 1)
+    assert execs == [[sys.executable, "-m", "vlbench.bench", "models", "--threads", "3"]]
+    assert os.environ["OMP_NUM_THREADS"] == str(current + 1) and os.environ["VLBENCH_BENCH_RESTARTED"] == "1"
+    bench_models.restart_with_threads(current + 1)  # the restarted process does not restart again
+    assert len(execs) == 1

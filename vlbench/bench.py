@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 
 from vlbench.bench_models import add_parser as add_models_parser
+from vlbench.bench_models import restart_with_threads, use_threads
 from vlbench.models.base import ModelContext
 
 BERT_VOCAB = 30522  # bert-base-uncased, LXMERT's tokenizer
@@ -146,8 +147,7 @@ def profile_breakdown(step: Callable[[], float], optimizer: torch.optim.Optimize
 def bench_lxmert(args: argparse.Namespace) -> dict[str, float]:
     """Our LXMERT vs transformers': samples/s of a full training step (forward, backward, AdamW) on the same data."""
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     ours, reference, cfg = _lxmert_pair(args.scale, device)
     batch = _random_batch(cfg, args.batch_size, args.text_length, args.regions, device)
     torch.manual_seed(1)
@@ -239,8 +239,7 @@ def bench_retrieval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from vlbench.tasks.retrieval import cache_unimodal_tokens, score_retrieval
     from vlbench.tasks.retrieval_eval import retrieval_recalls
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     sizes = f"data.karpathy_images={{train:{args.images},restval:0,val:10,test:{args.images}}}"
     overrides = [
         "model=albef",
@@ -301,8 +300,7 @@ def bench_pixelbert(args: argparse.Namespace) -> dict[str, float]:
     from vlbench.models.pixelbert import PixelBERT
 
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     with initialize_config_module(config_module="vlbench.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=["model=pixelbert", f"scale={args.scale}"])
     sample = args.sample or cfg.model.pixel_sample
@@ -421,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     b.set_defaults(func=bench_pixelbert)
     add_models_parser(sub)
     args = parser.parse_args(argv)
+    if argv is None:  # the console command (in-process callers keep their process: use_threads sets the count)
+        restart_with_threads(args.threads)
     args.func(args)
 
 

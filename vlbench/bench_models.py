@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import statistics
 import sys
@@ -59,6 +60,32 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2
         _sync(device)
         times.append(time.perf_counter() - start)
     return 2 * size**3 / min(times)
+
+
+def use_threads(count: int) -> None:
+    """``count`` torch CPU threads here and in the processes this bench starts (0: torch's default).
+
+    ``torch.set_num_threads(n)`` with n > 1 in a running process — even with the count it already has — leaves torch's
+    CPU flash-attention kernel ~2.7× slower at tiny shapes (64 × 4 heads × 17 tokens, forward + backward: 1.14 →
+    3.08 ms at 2 threads; GEMMs unaffected), while a process started with ``OMP_NUM_THREADS=n`` runs it at full speed,
+    as every run of the runner does. So the count goes into the environment (spawned model benches start with it) and
+    is set here only when it differs; ``main`` restarts the console command with it (``restart_with_threads``).
+    """
+    if not count:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
+def restart_with_threads(count: int) -> None:
+    """Start the console command again with ``OMP_NUM_THREADS=count`` when this process runs another count (see
+    ``use_threads``); once only."""
+    if not count or torch.get_num_threads() == count or os.environ.get("VLBENCH_BENCH_RESTARTED"):
+        return
+    os.environ.update(OMP_NUM_THREADS=str(count), VLBENCH_BENCH_RESTARTED="1")
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "vlbench.bench", *sys.argv[1:]])
 
 
 def nominal_peak(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -161,8 +188,7 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
     )
     from vlbench.tasks.base import to_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     cfg = compose_config(model_name, scale, args.task, [f"trainer.device={args.device}", *args.overrides])
     device = pick_device(cfg.trainer.device)
     seed_everything(cfg.seed)
@@ -349,8 +375,7 @@ def bench_models(args: argparse.Namespace) -> list[dict]:
     from vlbench.bench_profile import format_profile
     from vlbench.results import device_description, git_sha
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():  # before minutes of building models that cannot move
         raise SystemExit(f"vlbench-bench models --device {args.device}: no CUDA device is available here")
