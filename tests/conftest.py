@@ -21,6 +21,25 @@ FAST = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_runtime_thread_switch():
+    """torch.set_num_threads in this process would slow every later test's attention (torch's CPU flash kernel runs
+    ~2.7× slower after it, even with the same count: vlbench.bench_models.use_threads), ~15 % of the suite's time: a
+    test that needs another thread count starts a process with OMP_NUM_THREADS instead."""
+    import torch
+
+    real, test_process = torch.set_num_threads, os.getpid()
+
+    def refuse(count: int) -> None:
+        if os.getpid() != test_process:  # a forked DataLoader worker sets its one thread, as torch's worker loop does
+            return real(count)
+        raise RuntimeError("torch.set_num_threads in the test process: start a subprocess with OMP_NUM_THREADS")
+
+    torch.set_num_threads = refuse
+    yield
+    torch.set_num_threads = real
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("vlbench-cache")

@@ -104,15 +104,6 @@ def make_batch(batch_size: int = 3, length: int = 9, regions: int = 5, pad: bool
     }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy machine every op then waits for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference_and_ours():
     reference = reference_lxmert()
