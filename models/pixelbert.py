@@ -79,11 +79,28 @@ def build_cnn(cfg: DictConfig) -> nn.Module:
 
     kwargs = OmegaConf.to_container(cfg.cnn_kwargs) if isinstance(cfg.cnn_kwargs, DictConfig) else dict(cfg.cnn_kwargs)
     try:
-        return timm.create_model(
+        cnn = timm.create_model(
             cfg.cnn, pretrained=False, features_only=True, out_indices=(cfg.cnn_out_index,), **kwargs
         )
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         raise VlbenchError(f"model.cnn={cfg.cnn} (cnn_kwargs {kwargs}, cnn_out_index {cfg.cnn_out_index}): {e}") from e
+    check_stem_width(cnn, kwargs.get("stem_width"), str(kwargs.get("stem_type", "")))
+    return cnn
+
+
+def check_stem_width(cnn: nn.Module, stem_width: int | None, stem_type: str = "") -> None:
+    """timm's ResNet takes ``stem_width`` but uses it only for its deep stems (``stem_type=deep``…): the default 7×7
+    stem is 64 channels whatever it says. A width asked for and not built is an error, not a silent wider net."""
+    if stem_width is None:
+        return
+    first = next((m for m in cnn.modules() if isinstance(m, nn.Conv2d)), None)
+    expected = 3 * (stem_width // 4) if "tiered" in stem_type else stem_width  # timm's tiered stem starts at 3/4
+    if first is None or first.out_channels != expected:
+        built = "no convolution" if first is None else f"a first convolution of {first.out_channels} channels"
+        raise VlbenchError(
+            f"model.cnn_kwargs.stem_width={stem_width}: the {type(cnn).__name__} built has {built} (timm's ResNet "
+            "uses stem_width only with a deep stem, e.g. stem_type=deep; its 7×7 stem is 64 wide)"
+        )
 
 
 def load_cnn_weights(cnn: nn.Module, path: str) -> None:

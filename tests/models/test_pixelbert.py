@@ -18,7 +18,7 @@ from vlbench.schema import PixelBertModelConfig
 
 VOCAB, IMAGE, HIDDEN, SAMPLE = 50, 64, 32, 5
 CTX = ModelContext(vocab_size=VOCAB, pad_token_id=0, cls_token_id=2, sep_token_id=3, mask_token_id=4, image_size=IMAGE)
-CNN = {"cnn": "resnet18", "cnn_kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}}
+CNN = {"cnn": "resnet18", "cnn_kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}}
 PIXELS = (IMAGE // 16) ** 2  # cnn_out_index 3: stride 16 → a 4 × 4 map
 PRETRAIN_HEADS = ("mlm_head.", "itm_head.")  # trained by pre-training only: no gradient from a task head's loss
 
@@ -260,6 +260,17 @@ def test_bad_configuration_fails_clearly():
         tiny_pixelbert(pixel_sample=0)
     with pytest.raises(VlbenchError, match="model.cnn=no_such_net"):
         tiny_pixelbert(cnn="no_such_net")
+
+
+def test_a_stem_width_timm_would_ignore_is_an_error():
+    # timm's ResNet builds its 7×7 stem 64 wide whatever stem_width says (used by deep stems only): fail, not widen
+    kwargs = CNN["cnn_kwargs"]
+    with pytest.raises(VlbenchError, match=r"stem_width=16: the .* first convolution of 64 channels .*stem_type=deep"):
+        tiny_pixelbert(cnn_kwargs={**kwargs, "stem_width": 16})
+    deep = tiny_pixelbert(cnn_kwargs={**kwargs, "stem_type": "deep", "stem_width": 16})
+    assert deep.pixel_embeddings.cnn.conv1[0].out_channels == 16
+    tiered = tiny_pixelbert(cnn_kwargs={**kwargs, "stem_type": "deep_tiered", "stem_width": 16})
+    assert tiered.pixel_embeddings.cnn.conv1[0].out_channels == 12
 
 
 def test_channels_last_cnn_computes_what_the_contiguous_one_does():
