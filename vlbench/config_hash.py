@@ -43,7 +43,17 @@ def semantic_config(cfg: DictConfig) -> dict:
         for p in parents:
             node = node.get(p, {})
         node.pop(leaf, None)
+    _drop_unbuilt_stem_width(container.get("model"))
     return container
+
+
+def _drop_unbuilt_stem_width(model: dict | None) -> None:
+    """Pixel-BERT's tiny preset said ``cnn_kwargs.stem_width: 32`` until c30dc9c, which timm's ResNet ignores without a
+    deep stem (a build with it is now refused): such a run computed what one without the key computes, so records
+    written before keep their hash — they are reused and initialise fine-tunes as before."""
+    kwargs = (model or {}).get("cnn_kwargs")
+    if isinstance(kwargs, dict) and "stem_width" in kwargs and "deep" not in str(kwargs.get("stem_type", "")):
+        kwargs.pop("stem_width")
 
 
 def config_hash(cfg: DictConfig) -> str:
