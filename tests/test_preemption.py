@@ -67,6 +67,19 @@ def wait_for_step(process, run_dir: Path, step: int, timeout: float = 120) -> No
         time.sleep(0.05)
 
 
+def newest_saved_step(checkpoints: Path) -> int:
+    """The step resume will continue from. A kill between a save's renames leaves no ``last.state.pt`` for a moment
+    (the pair is then ``last-previous.*``, which resume puts back): read every whole state file, not one name."""
+    steps = []
+    for path in checkpoints.glob("*last*.state.pt*"):
+        try:
+            steps.append(torch.load(path, weights_only=True)["step"])
+        except Exception:  # a temporary file cut by the kill is no checkpoint
+            continue
+    assert steps, f"no readable trainer state in {checkpoints}: {sorted(p.name for p in checkpoints.iterdir())}"
+    return max(steps)
+
+
 def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(tmp_path, cache_dir):
     argv = [
         "model=textonly", "trainer.max_steps=12", "run_id=r", f"results_dir={tmp_path}/runs",
@@ -105,7 +118,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(make_cfg, tmp_path):
     wait_for_step(process, tmp_path / "killed", 3)
     os.kill(process.pid, signal.SIGKILL)
     process.join(30)
-    killed_at = torch.load(tmp_path / "killed" / "checkpoints" / "last.state.pt", weights_only=True)["step"]
+    killed_at = newest_saved_step(tmp_path / "killed" / "checkpoints")
     assert 2 <= killed_at < 6
     resumed = run(make_cfg(*overrides, f"resume={tmp_path / 'killed'}"), tmp_path / "killed")
     assert resumed["steps"] == 6 and resumed["metrics"] == straight["metrics"]
