@@ -144,6 +144,16 @@ def profile_breakdown(step: Callable[[], float], optimizer: torch.optim.Optimize
     return {"total": total, "gemm": gemm, "optimizer": optim, "rest": total - gemm - optim}
 
 
+def _adamw(params, impl: str) -> torch.optim.Optimizer:
+    """The same AdamW for every model of a comparison: by default the kernel the runner trains with
+    (``trainer.optimizer_impl=auto``: fused), so a step costs here what it costs in a run."""
+    from omegaconf import OmegaConf
+
+    from vlbench.runner import adamw_kernel
+
+    return torch.optim.AdamW(params, lr=1e-5, **adamw_kernel(OmegaConf.create({"optimizer_impl": impl})))
+
+
 def bench_lxmert(args: argparse.Namespace) -> dict[str, float]:
     """Our LXMERT vs transformers': samples/s of a full training step (forward, backward, AdamW) on the same data."""
     device = torch.device(args.device)
@@ -171,8 +181,8 @@ def bench_lxmert(args: argparse.Namespace) -> dict[str, float]:
         same = (float(sum(ours.losses_from(inputs).values())), float(reference(**reference_kwargs).loss))
         ours.train(), reference.train()
     optimizers = {
-        "ours": torch.optim.AdamW(ours.parameters(), lr=1e-5),
-        "transformers": torch.optim.AdamW(reference.parameters(), lr=1e-5),
+        "ours": _adamw(ours.parameters(), args.optimizer),
+        "transformers": _adamw(reference.parameters(), args.optimizer),
     }
     losses = {}
 
@@ -197,7 +207,8 @@ def bench_lxmert(args: argparse.Namespace) -> dict[str, float]:
     rates = {name: args.batch_size / s for name, s in seconds.items()}
     print(
         f"LXMERT {args.scale} training step, batch {args.batch_size} × ({args.text_length} tokens, {args.regions} "
-        f"regions), {args.steps} steps after {args.warmup} warm-up, {torch.get_num_threads()} threads, {device}"
+        f"regions), {args.steps} steps after {args.warmup} warm-up, {torch.get_num_threads()} threads, {device}, "
+        f"AdamW {args.optimizer}"
     )
     print(f"loss in eval mode: ours {same[0]:.6f}, transformers {same[1]:.6f}")
     print(
@@ -334,7 +345,7 @@ def bench_pixelbert(args: argparse.Namespace) -> dict[str, float]:
     }
     batch = {k: v.to(device) for k, v in batch.items()}
     models = {name: model.to(device).train() for name, model in models.items()}
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-5) for name, m in models.items()}
+    optimizers = {name: _adamw(m.parameters(), args.optimizer) for name, m in models.items()}
     with torch.no_grad():
         pixels = first.pixel_embeddings(batch["pixel_values"][:1]).shape[1]
 
@@ -356,7 +367,7 @@ def bench_pixelbert(args: argparse.Namespace) -> dict[str, float]:
     print(
         f"Pixel-BERT {args.scale} pre-training step (MLM + ITM), batch {args.batch_size} × ({args.text_length} tokens, "
         f"{size} px → {pixels} pixels), {args.steps} steps after {args.warmup} warm-up, "
-        f"{torch.get_num_threads()} threads, {device}"
+        f"{torch.get_num_threads()} threads, {device}, AdamW {args.optimizer}"
     )
     if args.compare == "sampling":
         kept = {"sampled": f"{sample} pixels", "all pixels": f"{pixels} pixels"}
@@ -381,6 +392,10 @@ def add_lxmert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", action="store_true", help="then one profiled step each: GEMM / optimizer / rest")
+    parser.add_argument(
+        "--optimizer", choices=["auto", "fused", "foreach", "loop"], default="auto",
+        help="AdamW's kernel for both models (auto: the runner's, fused; loop: torch's CPU default)",
+    )  # fmt: skip
     return parser
 
 
@@ -410,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--sample", type=int, default=0, help="pixels kept when sampling (0: the scale's pixel_sample)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     b.add_argument("--device", default="cpu")
+    b.add_argument("--optimizer", choices=["auto", "fused", "foreach", "loop"], default="auto", help="AdamW's kernel")
     b.add_argument(
         "--compare",
         choices=["sampling", "channels_last"],
