@@ -14,16 +14,33 @@ def test_retrieval_bench_compares_the_three_scorings(cache_dir, capsys):
     assert "6 images × 12 captions" in out
     for mode in ("itc:", "itc→itm top-3:", "itm all pairs:", "speed-up of top-3 over all pairs"):
         assert mode in out
+    # with k at least every candidate, re-ranking the top k is scoring all pairs: the same recalls
+    main(["retrieval", "--images", "6", "--captions-per-image", "2", "--k", "12", "--batch-size", "16"])
+    recalls = dict(re.findall(r"(itc→itm top-12|itm all pairs): +[\d.]+ s +(R@1 .+)", capsys.readouterr().out))
+    assert len(recalls) == 2 and recalls["itc→itm top-12"] == recalls["itm all pairs"]
 
 
-def test_retrieval_bench_reads_a_run(cache_dir, make_cfg, tmp_path, capsys):
+def test_retrieval_bench_reads_a_run(cache_dir, make_cfg, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
     from tests.test_tasks_end_to_end import SMALL_FORMATS
+    from vlbench import init_from
     from vlbench.runner import run
 
     run_dir = tmp_path / "retrieval"
     run(make_cfg("model=albef", "task=retrieval", "head=native", "trainer.max_steps=1", *SMALL_FORMATS), run_dir)
+    loaded = []
+    original = init_from.load_init_weights
+    monkeypatch.setattr(
+        init_from, "load_init_weights", lambda model, *a, **k: (loaded.append(model), original(model, *a, **k))[1]
+    )
     main(["retrieval", "--run", str(run_dir), "--images", "6", "--captions-per-image", "2", "--k", "3"])
     assert "randomly initialised" not in capsys.readouterr().out
+    # the bench's model holds the run's weights (its best checkpoint), every tensor
+    saved = load_file(run_dir / "checkpoints" / "best.safetensors")
+    (model,) = loaded
+    state = {f"model.{k}": v for k, v in model.state_dict().items() if f"model.{k}" in saved}
+    assert len(state) > 50 and all(torch.equal(v, saved[k]) for k, v in state.items())
     with pytest.raises(SystemExit):
         main(["retrieval", "--k"])
 

@@ -95,11 +95,12 @@ def _compose(*overrides):
 @pytest.mark.parametrize("budget", ["tiny_96k", "base_1m"])
 def test_budget_presets_fix_samples_batch_and_resolution_for_every_model(budget):
     seen = set()
-    for model in ("albef", "lxmert", "textonly"):
+    for model in ("albef", "lxmert", "pixelbert", "unimo3", "textonly"):
         cfg = _compose(f"model={model}", f"budget={budget}", "scale=base" if budget == "base_1m" else "scale=tiny")
         t = cfg.trainer
         seen.add((t.max_steps * t.batch_size * t.grad_accum_steps, t.epochs, cfg.data.image_size))
-    assert len(seen) == 1  # every model: the same number of training samples, no epoch budget, one resolution
+    # every model: the preset's training samples (conf/budget/*.yaml), no epoch budget, its resolution
+    assert seen == {{"tiny_96k": (96_000, 0, 64), "base_1m": (1_024_000, 0, 384)}[budget]}
     assert _compose(f"budget={budget}", "trainer.max_steps=7").trainer.max_steps == 7  # the command line still wins
 
 

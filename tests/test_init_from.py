@@ -99,10 +99,12 @@ def test_unfinished_runs_and_missing_paths_are_refused(make_cfg, tmp_path, pretr
 
 def test_a_checkpoint_file_of_an_unfinished_run_can_be_named(make_cfg, tmp_path, pretrained_run):
     weights = pretrained_run / "checkpoints" / "last.safetensors"
+    (pretrained_run / "result.json").unlink()  # unfinished: a directory is refused (above), a named file is not
     result = run(make_cfg("model=albef", f"init_from={weights}", "trainer.max_steps=1"), tmp_path / "f")
     assert result["init_from"] == str(pretrained_run)
     report = json.loads((tmp_path / "f" / "manifest.json").read_text())["init_from"]
     assert report["checkpoint"] == "file" and report["path"] == str(weights)
+    assert report["model_tensors_loaded"] == len(_model_tensors(weights))
 
 
 def test_a_resumed_run_keeps_its_init_from_record(make_cfg, tmp_path, pretrained_run):

@@ -42,6 +42,15 @@ def test_bootstrap_ci_matches_the_enumerated_bootstrap():
     assert low == pytest.approx(exact_low, abs=0.5) and high == pytest.approx(exact_high, abs=0.5)
     assert min(values) <= low < np.mean(values) < high <= max(values)
     assert bootstrap_ci(values, seed=0) == (low, high)  # fixed generator: same table from the same runs
+    # with 3 values the 2.5/97.5 % quantiles are the extremes; with 5 (3,125 resamples) they lie strictly inside, so
+    # this case tells a percentile bootstrap from (min, max) or a normal-theory interval
+    values = [60.0, 70.0, 74.0, 79.0, 90.0]
+    for confidence in (0.95, 0.8):
+        tail = (1 - confidence) / 2
+        exact_low, exact_high = exact_bootstrap_quantiles(values, [tail, 1 - tail])
+        low, high = bootstrap_ci(values, confidence=confidence, seed=0)
+        assert low == pytest.approx(exact_low, abs=0.4) and high == pytest.approx(exact_high, abs=0.4)
+        assert min(values) < low and high < max(values)
     assert bootstrap_ci([5.0, 5.0, 5.0]) == (5.0, 5.0)
     assert all(np.isnan(bootstrap_ci([5.0])))
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlbench.data.files import read_jsonl
 from vlbench.data.sources import resolve_data_root
 from vlbench.errors import VlbenchError
 from vlbench.runner import run
+from vlbench.tasks.nlvr2_eval import evaluate_nlvr2, read_predictions
 
 SMALL_FORMATS = [
     "data.gqa_images={train:40,val:10,test:10}",
@@ -50,11 +52,19 @@ def test_gqa(make_cfg, tmp_path, model):
 
 @pytest.mark.parametrize("model", ["albef", "unimo3", "pixelbert", "textonly", "majority"])
 def test_nlvr2(make_cfg, tmp_path, model):
-    result = run(make_cfg(f"model={model}", "task=nlvr2", *SMALL_FORMATS), tmp_path / "run")
+    cfg = make_cfg(f"model={model}", "task=nlvr2", *SMALL_FORMATS)
+    result = run(cfg, tmp_path / "run")
     assert result["task"] == "nlvr2" and {"accuracy", "consistency"} <= set(result["metrics"])
     assert result["metrics"]["consistency"] <= result["metrics"]["accuracy"]
-    rows = list(csv.reader((tmp_path / "run" / "predictions_test.csv").read_text().splitlines()))
+    path = tmp_path / "run" / "predictions_test.csv"
+    rows = list(csv.reader(path.read_text().splitlines()))
     assert rows and all(len(r) == 2 and r[1] in ("True", "False") for r in rows)
+    # the recorded scores are the official file's: every test example once, scored by the official rules
+    gold = read_jsonl(resolve_data_root(cfg.data, "nlvr2") / f"{cfg.data.datasets.nlvr2.splits.test}.json")
+    assert sorted(r[0] for r in rows) == sorted(ex["identifier"] for ex in gold)
+    scores = evaluate_nlvr2(gold, read_predictions(path))
+    assert result["metrics"]["accuracy"] == pytest.approx(scores.accuracy)
+    assert result["metrics"]["consistency"] == pytest.approx(scores.consistency)
 
 
 @pytest.mark.parametrize(

@@ -341,10 +341,17 @@ def test_extraction_is_deterministic_and_resumes_to_the_same_store(tmp_path, ima
     monkeypatch.setattr(RegionStoreWriter, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         extract_features(image_dir, tmp_path / "c", cfg, progress=False)
-    monkeypatch.setattr(RegionStoreWriter, "add", real_add)
-    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "c").exists() and (tmp_path / "c.partial" / "progress.json").is_file()
+    added_again = []
+
+    def add_and_count(self, key, *args, **kwargs):
+        added_again.append(key)
+        real_add(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(RegionStoreWriter, "add", add_and_count)
     store = extract_features(image_dir, tmp_path / "c", cfg, progress=False)
     assert len(store) == 5 and file_digests(tmp_path / "c") == file_digests(tmp_path / "a")
+    assert sorted(added_again) == sorted(set(store.keys()) - set(added))  # resumed: the 3 committed not redone
 
 
 def test_extraction_loads_a_local_checkpoint_and_never_downloads_by_default(tmp_path, image_dir, monkeypatch):

@@ -100,8 +100,8 @@ def test_tokenizer_covers_every_question(small_world):
 def test_world_is_generated_once_and_atomically(tmp_path):
     first = ensure_world(SMALL, "vqav2", tmp_path)
     assert first.name == "vqav2" and first.parent.name.startswith("world-")
-    mtime = (first / "world.json").stat().st_mtime
+    mtime = (first / "world.json").stat().st_mtime_ns
     assert ensure_world(SMALL, "vqav2", tmp_path) == first
-    assert (first / "world.json").stat().st_mtime == mtime
+    assert (first / "world.json").stat().st_mtime_ns == mtime
     assert not list((tmp_path / "synthetic").rglob(".partial-*"))
     assert [p.name for p in first.parent.iterdir()] == ["vqav2"]  # no other format generated

@@ -173,3 +173,8 @@ def test_text_assignment_draws_come_from_the_shard_not_the_global_rng():
         shard = BatchShard.of(6, training=True, generator=torch.Generator().manual_seed(3))
         drawn.append(torch.stack(text_assignment_pairs(similarity, shard=shard)))
     assert torch.equal(drawn[0], drawn[1])
+    others = [  # and they are drawn: other shard seeds, other draws
+        torch.stack(text_assignment_pairs(similarity, shard=BatchShard.of(6, True, torch.Generator().manual_seed(s))))
+        for s in range(4, 9)
+    ]
+    assert any(not torch.equal(other, drawn[0]) for other in others)

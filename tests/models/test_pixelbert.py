@@ -325,3 +325,7 @@ def test_retrieval_negatives_come_from_the_step_generator(monkeypatch):
         model.ctx.sample_generator.manual_seed(11)
         model.retrieval_losses(batch, step=0)
     assert seen[0] == seen[1]
+    for generator_seed in range(12, 17):  # and they are drawn: other generator seeds, other negatives
+        model.ctx.sample_generator.manual_seed(generator_seed)
+        model.retrieval_losses(batch, step=0)
+    assert any(other != seen[0] for other in seen[2:])

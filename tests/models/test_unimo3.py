@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from vlbench.errors import VlbenchError
 from vlbench.models.base import JointEncoding, ModelContext, ModelObjectives
+from vlbench.models.checkpoints import resample_pos_embed
 from vlbench.models.losses import in_batch_contrastive_loss, itm_pair_indices
 from vlbench.models.unimo3 import UNIMO3
 from vlbench.schema import Unimo3ModelConfig
@@ -235,6 +236,9 @@ def test_weights_saved_at_another_image_size_load_with_resampled_position_embedd
     large = UNIMO3(small.cfg, ModelContext(**{**CTX.__dict__, "image_size": 48}))
     large.load_state_dict(large.adapt_checkpoint(small.state_dict()))  # 4×4 patches → 6×6
     assert large.visual_encoder.pos_embed.shape == (1, 37, 24)
+    # the saved grid resampled, not a fresh initialisation
+    expected = resample_pos_embed(small.visual_encoder.pos_embed.detach(), 37)
+    torch.testing.assert_close(large.visual_encoder.pos_embed.detach(), expected)
     torch.testing.assert_close(large.visual_encoder.cls_token, small.visual_encoder.cls_token)
 
 
