@@ -73,7 +73,8 @@ GRID_SWEEPS = $(GRID) $(1) model=$(GRID_MODELS) task=pretrain seed=$(GRID_SEEDS)
 leaderboard: $(STAMP)
 	@start=$$(date +%s); \
 	$(call GRID_SWEEPS,); \
-	$(BIN)/vlbench-leaderboard --archive results/runs --root results/reference --out results/leaderboard.csv && \
+	$(BIN)/vlbench-leaderboard --archive results/runs --archive-setting budget=tiny_96k --root results/reference \
+		--out results/leaderboard.csv && \
 	echo "leaderboard wall time: $$(( $$(date +%s) - start )) s (git $$(git rev-parse --short HEAD))"
 
 # Reproduce the reference leaderboard (or a part: GRID_MODELS, GRID_SEEDS) from scratch and check it: the same grid,

@@ -188,6 +188,18 @@ def test_archived_records_rebuild_the_same_table_without_weights(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["--archive", str(tmp_path / "nowhere"), "--root", str(archive)])
     assert "--archive" in capsys.readouterr().err
+    # a grid's setting only: the other runs in the same results folder (a demo run) stay out of the reference
+    write_result(runs, "albef/vqa/grid0", seed=0, setting_overrides=["budget=tiny_96k"])
+    (runs / "albef" / "vqa" / "failed-grid").mkdir()
+    failed = {"model": "albef", "error": "boom", "setting_overrides": ["budget=tiny_96k"]}
+    (runs / "albef" / "vqa" / "failed-grid" / "failed.json").write_text(json.dumps(failed))
+    grid = tmp_path / "grid-reference"
+    main(["--archive", str(runs), "--archive-setting", "budget=tiny_96k", "--root", str(grid), "--no-plot",
+          "--out", str(tmp_path / "grid.csv")])  # fmt: skip
+    assert "archived the records of 2 runs" in capsys.readouterr().out
+    assert sorted(str(p.parent.relative_to(grid)) for p in grid.rglob("*.json")) == [
+        "albef/vqa/failed-grid", "albef/vqa/grid0"
+    ]  # fmt: skip
 
 
 def test_student_t_quantiles_match_the_tables():

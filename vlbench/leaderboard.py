@@ -118,15 +118,22 @@ def run_row(path: Path, record: dict, status: str) -> dict:
 RECORD_FILES = ("result.json", "failed.json", "config.yaml", "manifest.json", "scores_*.json")
 
 
-def archive_records(source: Path, archive: Path) -> int:
+def archive_records(source: Path, archive: Path, setting: str | None = None) -> int:
     """Copy the small records of every finished or failed run under ``source`` (its result or error, config,
-    manifest and per-example scores; no weights, predictions or logs) to the same relative place under ``archive``.
+    manifest and per-example scores; no weights, predictions or logs) to the same relative place under ``archive``;
+    with ``setting`` (e.g. ``"budget=tiny_96k"``) only the runs of that setting (their overrides other than seed,
+    model, task, ...).
     Why: run directories are git-ignored and hold checkpoints; the reference leaderboard is built from records kept in
-    git, so a grid run over several sessions (whole model × seed chains each) adds up. Returns the runs copied."""
+    git, so a grid run over several sessions (whole model × seed chains each) adds up. The setting filter keeps a
+    user's other runs in the same results folder (``make demo``, experiments) out of the reference. Returns the runs
+    copied."""
     source, archive = Path(source), Path(archive)
     if not source.is_dir():
         raise VlbenchError(f"--archive {source}: no such results directory")
     run_dirs = {p.parent for name in ("result.json", "failed.json") for p in source.rglob(name)}
+    if setting is not None:
+        wanted = " ".join(setting.split())
+        run_dirs = {d for d in run_dirs if _setting_of(_read_json(_record_file(d))) == wanted}
     for run_dir in sorted(run_dirs):
         target = archive / run_dir.relative_to(source)
         target.mkdir(parents=True, exist_ok=True)
@@ -134,6 +141,12 @@ def archive_records(source: Path, archive: Path) -> int:
             for path in run_dir.glob(pattern):
                 shutil.copy2(path, target / path.name)
     return len(run_dirs)
+
+
+def _record_file(run_dir: Path) -> Path:
+    """A run's record: result.json once it finished, failed.json if it raised."""
+    finished = run_dir / "result.json"
+    return finished if finished.is_file() else run_dir / "failed.json"
 
 
 def read_runs(root: Path) -> pd.DataFrame:
@@ -304,6 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         "--archive", metavar="RUNS", help="first copy the records (no weights) of the runs under RUNS into --root"
     )
     parser.add_argument(
+        "--archive-setting",
+        metavar="OVERRIDES",
+        help="--archive only the runs of this setting, e.g. 'budget=tiny_96k' ('' for runs without overrides)",
+    )
+    parser.add_argument(
         "--reproduce",
         metavar="REFERENCE",
         help="judge each finished or failed run under --root against the reference records under REFERENCE (their "
@@ -315,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.archive:
-            print(f"archived the records of {archive_records(Path(args.archive), Path(args.root))} runs in {args.root}")
+            copied = archive_records(Path(args.archive), Path(args.root), args.archive_setting)
+            print(f"archived the records of {copied} runs in {args.root}")
         if args.reproduce:
             sys.exit(_report_reproduction(args))
         if args.compare:

@@ -323,7 +323,7 @@ class Config:
     seed: int = 0
     head: str = "shared"  # shared (controlled comparison) | native (the paper's own head)
     results_dir: str = "results/runs"
-    run_id: str | None = None  # null: timestamp + short config hash
+    run_id: str | None = None  # null: <scale>-seed<seed>-<date>-<time> (conf/config.yaml's hydra.run.dir)
     resume: str | None = None  # a run directory to continue; auto: this run's directory if it has a checkpoint
     init_from: str | None = None  # a finished run directory or .safetensors file: its model weights start this run
     reuse_finished: bool = False  # skip the run when one with the same config already finished under reuse_root

@@ -1,4 +1,4 @@
-"""`vlbench-data`: generate the synthetic world, or inspect a directory of VQA v2-format files.
+"""`vlbench-data`: generate the synthetic world, inspect VQA v2-format files, extract or convert region features.
 
 vlbench-data synth [--format vqav2|gqa|nlvr2|karpathy|all] [--out DIR] [--seed 0] [--image-size 64] [--train N ...]
 vlbench-data inspect ROOT [--subtype val2014]
