@@ -119,6 +119,8 @@ def test_cli_writes_csv_markdown_png_and_filters(tmp_path, capsys):
     assert out.with_suffix(".md").read_text().startswith("| model | task |")
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "60.50 ± 0.71" in capsys.readouterr().out
+    main(["--root", str(runs), "--no-plot"])  # no --out: beside the runs, never over the committed reference table
+    assert len(pd.read_csv(runs / "leaderboard.csv")) == 2 and (runs / "leaderboard.md").is_file()
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -304,7 +304,12 @@ def _report_reproduction(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlbench-leaderboard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="results/runs", help="directory searched for result.json / failed.json")
-    parser.add_argument("--out", default="results/leaderboard.csv", help="CSV path; .md and .png are written beside")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="CSV path; .md and .png are written beside (default: <root>/leaderboard.csv, beside the runs it sums up, "
+        "so that the committed reference table in results/ is rewritten only when asked: make leaderboard)",
+    )
     parser.add_argument("--task", action="append", help="keep only these tasks (repeatable)")
     parser.add_argument("--model", action="append", help="keep only these models (repeatable)")
     parser.add_argument("--by", default=None, help="sort rows by this column (default: task, then mean descending)")
@@ -352,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
             table = table.sort_values(args.by, kind="stable")
         else:
             table = table.sort_values(["task", "mean"], ascending=[True, False], kind="stable")
-        paths = write_leaderboard(table, Path(args.out), with_plot=not args.no_plot)
+        out = Path(args.out) if args.out else Path(args.root) / "leaderboard.csv"
+        paths = write_leaderboard(table, out, with_plot=not args.no_plot)
     except VlbenchError as e:
         print(f"vlbench-leaderboard: error: {e}", file=sys.stderr)
         sys.exit(2)
