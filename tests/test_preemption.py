@@ -182,6 +182,21 @@ def test_resume_auto_starts_a_new_run_and_continues_a_stopped_one(make_cfg, tmp_
     assert finished["steps"] == 4 and logged_steps(tmp_path / "r") == [1, 2, 3, 4]
 
 
+def test_resume_auto_without_a_checkpoint_starts_the_log_over(make_cfg, tmp_path):
+    """A job killed before its first checkpoint and launched again starts from step 0: its log must not keep the
+    killed attempt's steps (they would appear twice)."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n{"step": 2, "train/loss": 8.0}\n{"st')
+    run(make_cfg("model=textonly", "trainer.max_steps=3", "resume=auto"), run_dir)
+    assert logged_steps(run_dir) == [1, 2, 3]
+    assert all(
+        e["train/loss"] not in (9.0, 8.0)
+        for e in map(json.loads, (run_dir / "metrics.jsonl").open())
+        if "train/loss" in e
+    )
+
+
 def test_a_relaunched_grid_neither_resumes_nor_rewrites_a_finished_run(make_cfg, tmp_path):
     """The grid (+experiment=suite: resume=auto, reuse_finished=true) re-launched over its own run directories: a
     finished run keeps its record as it was (it used to be resumed at its last step: evaluated again, its record

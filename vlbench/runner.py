@@ -523,6 +523,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         set_rng_state(resume_state["rng"])
         if main:  # steps logged after the checkpoint will run again: the log keeps one entry per step
             drop_entries_after(record.dir / "metrics.jsonl", step)
+    elif main:  # a start from step 0 in a used directory (resume=auto, killed before its first checkpoint)
+        (record.dir / "metrics.jsonl").unlink(missing_ok=True)
 
     data_fingerprint, data_file_hashes = file_fingerprints(dataset_json_files(data_root))
     logger = build_logger(cfg.logger, record.dir, cfg) if main else NullLogger()

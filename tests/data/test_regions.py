@@ -436,3 +436,40 @@ def test_region_extraction_on_the_synthetic_world_leaves_its_data_fingerprint_un
     synthetic_region_store(data_cfg, folder)
     assert (folder / MERGED_BOXES_FILE).is_file()
     assert file_fingerprints(dataset_json_files(folder)) == before
+
+
+def test_parallel_jobs_extract_the_synthetic_store_once(tmp_path, monkeypatch):
+    """Jobs of a local sweep are separate processes: while one extracts a store (holding its lock), another waits and
+    then finds it finished, instead of writing the same partial folder at the same time."""
+    import threading
+
+    from omegaconf import OmegaConf
+
+    from vlbench.data import extract
+    from vlbench.data.files import exclusive_lock
+    from vlbench.data.sources import synthetic_region_store
+    from vlbench.data.synthetic import SyntheticConfig, ensure_world
+
+    config = SyntheticConfig(images={"train": 4, "val": 2, "test": 2}, questions_per_image=1)
+    folder = ensure_world(config, "vqav2", tmp_path)
+    data_cfg = OmegaConf.create({"region_backbone": "pixels", "region_roi_size": 7, "image_size": 64})
+    extractions, real_extract = [], extract.extract_features
+
+    def counted(images, store, *args, **kwargs):
+        extractions.append(store)
+        return real_extract(images, store, *args, **kwargs)
+
+    monkeypatch.setattr(extract, "extract_features", counted)
+    first = synthetic_region_store(data_cfg, folder)  # the first job extracts
+    lock = folder / f".{first.name}.lock"
+    assert lock.is_file() and extractions == [first]
+    (first / "meta.json").rename(first / "meta.json.hidden")  # as if still being extracted when the next job starts
+    stores = []
+    job = threading.Thread(target=lambda: stores.append(synthetic_region_store(data_cfg, folder)))
+    with exclusive_lock(lock):  # held as the extracting job holds it (flock: per open file, so threads contend too)
+        job.start()
+        job.join(1.0)
+        assert job.is_alive() and not stores  # waits for the lock
+        (first / "meta.json.hidden").rename(first / "meta.json")  # the first job finishes
+    job.join(30)
+    assert stores == [first] and extractions == [first]  # found finished inside the lock: not extracted again

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vlbench.errors import VlbenchError
@@ -65,3 +68,18 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
             require_keys(record, required, path, f"line {number}")
             records.append(record)
     return records
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if absent) for the block: one process at a time.
+
+    Why: jobs of a local sweep (joblib: independent processes, no process group) may need the same derived file at
+    once, e.g. the region features every LXMERT job extracts on first use; two writers of one store would interleave
+    its commits. The lock is released when the process dies, so a killed job never blocks the next."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from vlbench.data.files import exclusive_lock
 from vlbench.data.synthetic import SyntheticConfig, ensure_world
 from vlbench.errors import VlbenchError
 
@@ -54,10 +55,6 @@ def synthetic_region_store(data_cfg: DictConfig, format_dir: Path) -> Path:
     """
     import hashlib
     import json
-    import os
-    import tempfile
-
-    from vlbench.data.extract import ExtractionConfig, extract_features
 
     settings = {
         "backbone": data_cfg.region_backbone,
@@ -68,6 +65,20 @@ def synthetic_region_store(data_cfg: DictConfig, format_dir: Path) -> Path:
     store = format_dir / f"regions-{data_cfg.region_backbone}-{tag}"
     if (store / "meta.json").is_file():
         return store
+    with exclusive_lock(format_dir / f".{store.name}.lock"):  # parallel jobs: one extracts, the others wait for it
+        if not (store / "meta.json").is_file():
+            _extract_synthetic_regions(data_cfg, format_dir, store)
+    return store
+
+
+def _extract_synthetic_regions(data_cfg: DictConfig, format_dir: Path, store: Path) -> None:
+    """Merge the scene graphs' boxes into one file, then extract the store over them (see above)."""
+    import json
+    import os
+    import tempfile
+
+    from vlbench.data.extract import ExtractionConfig, extract_features
+
     graphs: dict = {}
     for path in sorted(format_dir.glob("*sceneGraphs.json")):
         if path.name == MERGED_BOXES_FILE:
@@ -96,4 +107,3 @@ def synthetic_region_store(data_cfg: DictConfig, format_dir: Path) -> Path:
         batch_size=64,
     )
     extract_features(format_dir / "images", store, config, progress=True)
-    return store
