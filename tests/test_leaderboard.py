@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import SMALL_WORLD
 from tests.test_cli import vlbench
 from vlbench.errors import VlbenchError
-from vlbench.leaderboard import aggregate, bootstrap_ci, main, paired_bootstrap, read_runs
+from vlbench.leaderboard import aggregate, bootstrap_ci, main, paired_bootstrap, read_runs, to_markdown
 
 
 def write_result(root, name, **fields):
@@ -102,6 +102,26 @@ def test_aggregate_columns_types_and_spread(tmp_path):
     assert single["mean"] == 51.0 and np.isnan(single["std"]) and np.isnan(single["ci95_low"])
     numeric = ["mean", "std", "ci95_low", "ci95_high", "wall_s_mean", "device_hours"]
     assert all(pd.api.types.is_float_dtype(aggregate(runs)[c]) for c in numeric)
+
+
+def test_fine_tuned_and_from_scratch_runs_of_one_setting_are_separate_rows(tmp_path):
+    """``init_from`` is not one of the setting's overrides: without the init column the same budget's run from scratch
+    and its fine-tunes from pre-training would be averaged into one row, seed 0 counted twice."""
+    runs = tmp_path / "runs"
+    overrides = ["budget=tiny_96k"]
+    write_result(runs, "scratch0", seed=0, metrics={"accuracy": 60.0}, setting_overrides=overrides)
+    for seed, acc in ((0, 78.0), (1, 78.5)):
+        write_result(runs, f"ft{seed}", seed=seed, metrics={"accuracy": acc}, setting_overrides=overrides,
+                     init_from=f"results/runs/albef/pretrain/seed{seed}")  # fmt: skip
+    (runs / "ft2").mkdir()
+    failed = {"model": "albef", "task": "vqa", "scale": "tiny", "head": "shared", "data": "synthetic", "seed": 2,
+              "error": "boom", "setting_overrides": overrides, "init_from": "pretrained"}  # fmt: skip
+    (runs / "ft2" / "failed.json").write_text(json.dumps(failed))
+    table = aggregate(read_runs(runs)).set_index("init")
+    assert table.loc["scratch", "mean"] == 60.0 and table.loc["scratch", "n_seeds"] == 1
+    assert table.loc["fine-tuned", "mean"] == 78.25 and table.loc["fine-tuned", "seeds"] == "0,1"
+    assert table.loc["fine-tuned", "failed"] == 1 and table.loc["scratch", "failed"] == 0  # the failure in its row
+    assert "| tiny head=shared budget=tiny_96k fine-tuned |" in to_markdown(aggregate(read_runs(runs)))
 
 
 def test_cli_writes_csv_markdown_png_and_filters(tmp_path, capsys):

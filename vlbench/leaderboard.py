@@ -26,7 +26,8 @@ import pandas as pd
 from vlbench.config_hash import record_hashes
 from vlbench.errors import VlbenchError
 
-GROUP_KEYS = ["model", "task", "scale", "head", "data", "setting"]
+# "init": from scratch or fine-tuned from another run's weights (init_from), which the setting's overrides leave out
+GROUP_KEYS = ["model", "task", "scale", "head", "data", "init", "setting"]
 BOOTSTRAP_RESAMPLES = 10_000
 
 
@@ -82,6 +83,12 @@ def _setting_of(record: dict) -> str:
     return " ".join(overrides) if overrides else ""
 
 
+def init_kind(record: dict) -> str:
+    """``scratch`` or ``fine-tuned`` (the run started from another run's or a file's weights): a leaderboard row never
+    mixes the two, which share their overrides (``init_from`` is not one of the setting's)."""
+    return "fine-tuned" if record.get("init_from") else "scratch"
+
+
 def run_row(path: Path, record: dict, status: str) -> dict:
     """One run as a flat row (finished: its metrics; failed: its error)."""
     metrics = record.get("metrics", {})
@@ -90,6 +97,7 @@ def run_row(path: Path, record: dict, status: str) -> dict:
     config_hash, setting_hash = record_hashes(path.parent, record)  # today's results-neutral keys
     row.update(
         {
+            "init": init_kind(record),
             "setting": _setting_of(record),
             "setting_hash": setting_hash,
             "status": status,
@@ -214,12 +222,17 @@ def aggregate(runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _shown_init(kind: str) -> str:
+    """The Markdown tables' setting names a fine-tuned row; from scratch is the default, left unsaid."""
+    return "fine-tuned" if kind == "fine-tuned" else ""
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """A compact Markdown table: the comparison columns only (the CSV has everything)."""
     header = "| model | task | setting | metric | mean ± std | 95 % CI | seeds | params | train samples | failed |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in table.itertuples(index=False):
-        setting = " ".join(x for x in (f"{r.scale}", f"head={r.head}", r.setting) if x)
+        setting = " ".join(x for x in (f"{r.scale}", f"head={r.head}", r.setting, _shown_init(r.init)) if x)
         spread = f"{r.mean:.2f} ± {r.std:.2f}" if r.n_seeds > 1 else (f"{r.mean:.2f}" if r.n_seeds else "—")
         ci = f"[{r.ci95_low:.2f}, {r.ci95_high:.2f}]" if r.n_seeds > 1 else "—"
         params = f"{int(r.params) / 1e6:.2f} M" if not pd.isna(r.params) else "—"

@@ -161,7 +161,8 @@ class RunRecord:
         record = {
             key: OmegaConf.select(cfg, path, default=None)
             for key, path in (("model", "model.name"), ("task", "task.name"), ("scale", "scale.name"),
-                              ("head", "head"), ("data", "data.name"), ("seed", "seed"))
+                              ("head", "head"), ("data", "data.name"), ("seed", "seed"),
+                              ("init_from", "init_from"))  # the leaderboard row: fine-tuned or from scratch
         }  # fmt: skip
         record.update({"error": message, "setting_overrides": setting_overrides(), "git_sha": git_sha()})
         atomic_write_json(self.dir / "failed.json", record)
