@@ -144,6 +144,17 @@ def test_init_from_pretrained_finds_the_pretrain_run_of_this_model_and_seed(make
         )
 
 
+def test_init_from_pretrained_prefers_the_pretraining_of_its_own_setting(make_cfg, tmp_path, pretrained_run):
+    """A newer pre-training run of the same model with other overrides (a smoke run, an ablation) must not become the
+    starting point of runs launched with the grid's overrides: the run of the same setting wins over the newest."""
+    smoke = tmp_path / "smoke-pretrain"
+    run(make_cfg("model=albef", "task=pretrain", "trainer.max_steps=1", *SMALL_FORMATS), smoke)
+    record = json.loads((smoke / "result.json").read_text())
+    (smoke / "result.json").write_text(json.dumps({**record, "setting_overrides": ["trainer.max_steps=1"]}))
+    cfg = make_cfg("model=albef", "task=vqa", "init_from=pretrained", f"reuse_root={tmp_path}", "trainer.max_steps=1")
+    assert run(cfg, tmp_path / "vqa")["init_from"] == str(pretrained_run)  # its overrides (none here) match
+
+
 def test_reuse_finished_skips_a_finished_configuration(make_cfg, tmp_path):
     first = run(make_cfg("model=textonly", "reuse_finished=true", f"reuse_root={tmp_path}"), tmp_path / "a")
     again = run(make_cfg("model=textonly", "reuse_finished=true", f"reuse_root={tmp_path}"), tmp_path / "b")

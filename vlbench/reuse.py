@@ -59,8 +59,12 @@ def find_same_run(root: Path, cfg: DictConfig, also: Path | None = None) -> Path
 
 
 def find_pretrained(root: Path, cfg: DictConfig) -> Path:
-    """The newest finished pre-training run with this run's model config, scale, data and seed; a named error (with
-    the nearest candidate's differences) when there is none."""
+    """The newest finished pre-training run with this run's model config, scale, data and seed — among those, one
+    launched with this run's setting overrides (e.g. ``budget=tiny_96k``) first, so that a newer smoke or ablation
+    pre-training (``trainer.max_steps=20``) of the same model never silently becomes the grid's starting point; a named
+    error (with the nearest candidate's differences) when there is none."""
+    from vlbench.results import setting_overrides
+
     want_model = semantic_config(cfg)["model"]
     candidates = []
     for run_dir, record in finished_runs(root):
@@ -72,13 +76,24 @@ def find_pretrained(root: Path, cfg: DictConfig) -> Path:
         if not saved.exists() or not has_weights(run_dir):
             continue
         model = semantic_config(OmegaConf.load(saved))["model"]  # speed-only keys (channels_last) do not count
-        candidates.append((run_dir, config_differences(model, want_model, "model.")))
-    exact = [run_dir for run_dir, diffs in candidates if not diffs]
+        setting = sorted(record.get("setting_overrides") or [])
+        candidates.append((run_dir, config_differences(model, want_model, "model."), setting))
+    exact = [(run_dir, setting) for run_dir, diffs, setting in candidates if not diffs]
+    own = setting_overrides()
+    same_setting = [run_dir for run_dir, setting in exact if setting == own]
+    if same_setting:
+        return same_setting[-1]
     if exact:
-        return exact[-1]
+        run_dir, setting = exact[-1]
+        if len({tuple(s) for _, s in exact}) > 1:  # runs of several settings, none of this run's: say which one
+            print(
+                f"init_from=pretrained: no pre-training run with this run's overrides ({' '.join(own) or 'none'}); "
+                f"using the newest of {len(exact)}: {run_dir} ({' '.join(setting) or 'no overrides'})"
+            )
+        return run_dir
     where = f"model={cfg.model.name} scale={cfg.scale.name} data={cfg.data.name} seed={cfg.seed}"
     if candidates:
-        run_dir, diffs = min(candidates, key=lambda c: len(c[1]))
+        run_dir, diffs, _ = min(candidates, key=lambda c: len(c[1]))
         raise VlbenchError(
             f"init_from=pretrained: no finished pre-training run of {where} with this model config under {root}; "
             f"nearest {run_dir} differs in {'; '.join(diffs[:5])}"
