@@ -155,6 +155,17 @@ def test_init_from_pretrained_prefers_the_pretraining_of_its_own_setting(make_cf
     assert run(cfg, tmp_path / "vqa")["init_from"] == str(pretrained_run)  # its overrides (none here) match
 
 
+def test_a_resumed_fine_tune_keeps_its_pretraining_source(make_cfg, tmp_path, pretrained_run):
+    """init_from=pretrained is resolved once, when the run starts: a requeued job continues from its checkpoint even
+    if a newer matching pre-training run has finished meanwhile (its config would differ) or the source was moved."""
+    overrides = ("model=albef", "task=vqa", "init_from=pretrained", f"reuse_root={tmp_path}", "trainer.max_steps=2")
+    stopped = run(make_cfg(*overrides, "trainer.stop_at_step=1"), tmp_path / "vqa")
+    assert stopped["stopped_at_step"] == 1
+    run(make_cfg("model=albef", "task=pretrain", "trainer.max_steps=2", *SMALL_FORMATS), tmp_path / "newer-pretrain")
+    result = run(make_cfg(*overrides, "resume=auto"), tmp_path / "vqa")
+    assert result["steps"] == 2 and result["init_from"] == str(pretrained_run)
+
+
 def test_reuse_finished_skips_a_finished_configuration(make_cfg, tmp_path):
     first = run(make_cfg("model=textonly", "reuse_finished=true", f"reuse_root={tmp_path}"), tmp_path / "a")
     again = run(make_cfg("model=textonly", "reuse_finished=true", f"reuse_root={tmp_path}"), tmp_path / "b")

@@ -66,7 +66,7 @@ from vlbench.results import (
     package_versions,
     setting_overrides,
 )
-from vlbench.reuse import find_same_run, resolve_init_from
+from vlbench.reuse import PRETRAINED, find_same_run, resolve_init_from
 from vlbench.tasks.base import EvalContext, EvalResult, Task, dataset_files, to_device
 
 # EX_TEMPFAIL (sysexits.h): the run stopped on a signal after writing a resumable checkpoint; run it again with resume=
@@ -437,7 +437,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     steps_per_epoch = max(1, micro_batches_per_epoch // tcfg.grad_accum_steps)
     if tcfg.epochs > 0:  # a budget in epochs (the papers' unit) becomes steps here, recorded in config.yaml
         tcfg.max_steps = math.ceil(tcfg.epochs * steps_per_epoch)
-    cfg.init_from = resolve_init_from(cfg)  # `pretrained` → that run's directory, recorded in config.yaml
+    if resume_state is not None and cfg.init_from == PRETRAINED:  # continue from the source it started from, even
+        cfg.init_from = record.saved_config().init_from  # if a newer pre-training finished or that one was deleted
+    else:
+        cfg.init_from = resolve_init_from(cfg)  # `pretrained` → that run's directory, recorded in config.yaml
     if cfg.init_from and tcfg.finetune_lr is not None:  # recorded as lr in config.yaml: the lr this run used
         if main:
             tqdm.write(
