@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import FAST, SMALL_WORLD
 from tests.test_distributed import _as_torchrun_starts_it, free_port
+from vlbench.errors import VlbenchError
 from vlbench.runner import PREEMPTED_EXIT_STATUS, run
 
 FORK = multiprocessing.get_context("forkserver")  # a clean process: forking pytest itself (threads) can deadlock
@@ -216,6 +218,8 @@ def test_a_relaunched_grid_neither_resumes_nor_rewrites_a_finished_run(make_cfg,
     record = (tmp_path / "r" / "result.json").read_bytes()
     log = (tmp_path / "r" / "metrics.jsonl").read_bytes()
     assert run(make_cfg(*overrides), tmp_path / "r") == finished
+    with pytest.raises(VlbenchError, match=r"resume=.*: this run already finished .*; nothing to resume"):
+        run(make_cfg(*overrides[:-3], f"resume={tmp_path / 'r'}", *overrides[-2:]), tmp_path / "r")
     assert (tmp_path / "r" / "result.json").read_bytes() == record and (
         tmp_path / "r" / "metrics.jsonl"
     ).read_bytes() == log

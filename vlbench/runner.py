@@ -400,6 +400,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     # resume=auto (requeued jobs): continue this run directory when it holds a checkpoint, else start it; a run that
     # finished there is not resumed (it would be evaluated again and its record rewritten) but reused or refused below
     unfinished_checkpoint = record.has_checkpoint("last") and not record.result_path.exists()
+    if cfg.resume and cfg.resume != "auto" and record.result_path.exists():  # would evaluate again, rewrite its record
+        raise VlbenchError(f"resume={cfg.resume}: this run already finished ({record.result_path}); nothing to resume")
     if cfg.resume and (cfg.resume != "auto" or unfinished_checkpoint):
         saved = record.saved_config()
         if saved is None or not record.has_checkpoint("last"):
