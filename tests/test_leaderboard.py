@@ -80,22 +80,23 @@ def test_aggregate_columns_types_and_spread(tmp_path):
         write_result(tmp_path, f"albef-{seed}", seed=seed, metrics={"accuracy": acc, "accuracy/yes/no": acc + 1})
     write_result(tmp_path, "textonly-0", model="textonly", metrics={"accuracy": 51.0}, params=10)
     write_result(tmp_path, "ablation-0", setting_overrides=["model.distill=false"], setting_hash="s2")
+    write_result(tmp_path, "albef-no-metric", seed=4, metrics={})  # finished without its main metric: no value
     (tmp_path / "crashed").mkdir()
     (tmp_path / "crashed" / "failed.json").write_text(
         json.dumps({"model": "albef", "task": "vqa", "scale": "tiny", "head": "shared", "data": "synthetic",
                     "seed": 3, "error": "VlbenchError: boom", "setting_overrides": []})
     )  # fmt: skip
     runs = read_runs(tmp_path)
-    assert len(runs) == 6 and sorted(runs["status"].unique()) == ["failed", "finished"]
+    assert len(runs) == 7 and sorted(runs["status"].unique()) == ["failed", "finished"]
     table = aggregate(runs).set_index(["model", "setting"])
     row = table.loc[("albef", "")]
     assert row["mean"] == pytest.approx(np.mean([70, 74, 79]))
     assert row["std"] == pytest.approx(np.std([70, 74, 79], ddof=1))
-    assert row["n_seeds"] == 3 and row["seeds"] == "0,1,2"
+    assert row["n_seeds"] == 3 and row["seeds"] == "0,1,2"  # the seeds of the values averaged
     assert row["metric:accuracy/yes/no"] == pytest.approx(np.mean([71, 75, 80]))
     assert row["failed"] == 1 and row["last_error"] == "VlbenchError: boom"
     assert row["ci95_low"] < row["mean"] < row["ci95_high"]
-    assert row["device_hours"] == pytest.approx(3 * 36 / 3600)
+    assert row["device_hours"] == pytest.approx(4 * 36 / 3600)  # every finished run's compute, valued or not
     assert row["params"] == 1000 and row["flops_per_sample"] == 12345 and row["git_sha"] == "abc123"
     assert table.loc[("albef", "model.distill=false"), "n_seeds"] == 1
     single = table.loc[("textonly", "")]

@@ -198,7 +198,7 @@ def aggregate(runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
                 "n_seeds": int(values.size),
                 "ci95_low": low,
                 "ci95_high": high,
-                "seeds": ",".join(str(int(s)) for s in sorted(done["seed"].dropna())),
+                "seeds": ",".join(str(int(s)) for s in sorted(done.loc[done["value"].notna(), "seed"].dropna())),
                 "failed": len(failed),
                 "last_error": failed["error"].dropna().iloc[-1] if failed["error"].notna().any() else "",
             }
