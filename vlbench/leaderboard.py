@@ -222,7 +222,7 @@ def aggregate(runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _shown_init(kind: str) -> str:
+def init_label(kind: str) -> str:
     """The Markdown tables' setting names a fine-tuned row; from scratch is the default, left unsaid."""
     return "fine-tuned" if kind == "fine-tuned" else ""
 
@@ -232,7 +232,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     header = "| model | task | setting | metric | mean ± std | 95 % CI | seeds | params | train samples | failed |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in table.itertuples(index=False):
-        setting = " ".join(x for x in (f"{r.scale}", f"head={r.head}", r.setting, _shown_init(r.init)) if x)
+        setting = " ".join(x for x in (f"{r.scale}", f"head={r.head}", r.setting, init_label(r.init)) if x)
         spread = f"{r.mean:.2f} ± {r.std:.2f}" if r.n_seeds > 1 else (f"{r.mean:.2f}" if r.n_seeds else "—")
         ci = f"[{r.ci95_low:.2f}, {r.ci95_high:.2f}]" if r.n_seeds > 1 else "—"
         params = f"{int(r.params) / 1e6:.2f} M" if not pd.isna(r.params) else "—"

@@ -21,7 +21,7 @@ import pandas as pd
 
 from vlbench.errors import VlbenchError
 from vlbench.leaderboard import GROUP_KEYS as ROW_KEYS  # a re-run is compared with its leaderboard row
-from vlbench.leaderboard import _shown_init
+from vlbench.leaderboard import init_label
 
 # the columns of a re-run that is not judged against a spread (no reference row, one reference seed, or failed)
 UNJUDGED = {"reference_mean": math.nan, "reference_std": math.nan, "reference_n": 0, "same_seed_reference": math.nan,
@@ -120,7 +120,7 @@ def report_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in table.itertuples(index=False):
-        setting = " ".join(x for x in (r.scale, f"head={r.head}", r.setting, _shown_init(r.init)) if x)
+        setting = " ".join(x for x in (r.scale, f"head={r.head}", r.setting, init_label(r.init)) if x)
         spread = f"{_number(r.reference_mean)} ± {_number(r.reference_std)} ({r.reference_n})"
         z = "—" if math.isnan(r.z) else (f"{r.z:+.2f}" if math.isfinite(r.z) else f"{r.z:+}")
         verdict = "—" if isinstance(r.within, float) and math.isnan(r.within) else ("yes" if r.within else "**no**")
