@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from tests.test_tasks_end_to_end import SMALL_FORMATS
+from vlbench.config_hash import record_numerics
 from vlbench.errors import VlbenchError
 from vlbench.leaderboard import archive_records
 from vlbench.runner import run
@@ -189,6 +190,29 @@ def test_a_record_hashed_before_a_key_became_results_neutral_is_still_reused(mak
     (tmp_path / "old" / "config.yaml").unlink()
     run(make_cfg("model=textonly", *reuse), tmp_path / "newer")
     assert (tmp_path / "newer" / "result.json").exists() and not (tmp_path / "newer" / "reused.json").exists()
+
+
+def test_reuse_matches_what_a_run_computes_on_its_device(make_cfg, tmp_path):
+    """``trainer.precision=auto`` is fp32 on the CPU and bf16 autocast on a GPU: a record made on a GPU is no answer
+    for a CPU run, while ``auto``, ``trainer.device=cpu`` and ``trainer.precision=fp32`` on a CPU compute the same
+    and reuse each other."""
+    run(make_cfg("model=textonly", "trainer.max_steps=2"), tmp_path / "runs" / "cpu")
+    record = json.loads((tmp_path / "runs" / "cpu" / "result.json").read_text())
+    assert record["precision"] == "fp32" and record["device"].startswith("cpu")
+    assert json.loads((tmp_path / "runs" / "cpu" / "manifest.json").read_text())["precision"] == "fp32"
+    reuse = ("reuse_finished=true", f"reuse_root={tmp_path / 'runs'}", "trainer.max_steps=2")
+    for name, override in (("explicit-cpu", "trainer.device=cpu"), ("explicit-fp32", "trainer.precision=fp32")):
+        run(make_cfg("model=textonly", override, *reuse), tmp_path / name)
+        assert json.loads((tmp_path / name / "reused.json").read_text()) == {"run_dir": str(tmp_path / "runs" / "cpu")}
+    run(make_cfg("model=textonly", "trainer.precision=bf16", *reuse), tmp_path / "bf16")  # bf16 autocast on the CPU
+    assert (tmp_path / "bf16" / "result.json").exists() and not (tmp_path / "bf16" / "reused.json").exists()
+    # the same record as a GPU writes it (written before records named their precision: resolved from its config)
+    del record["precision"]
+    record["device"] = "NVIDIA H200"
+    (tmp_path / "runs" / "cpu" / "result.json").write_text(json.dumps(record))
+    assert record_numerics(tmp_path / "runs" / "cpu", record) == "cuda bf16"
+    run(make_cfg("model=textonly", *reuse), tmp_path / "again")
+    assert (tmp_path / "again" / "result.json").exists() and not (tmp_path / "again" / "reused.json").exists()
 
 
 def test_archived_records_are_reused_but_a_pretraining_run_only_with_its_weights(make_cfg, tmp_path, pretrained_run):

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,27 @@ def test_fine_tuned_and_from_scratch_runs_of_one_setting_are_separate_rows(tmp_p
     assert "| tiny head=shared budget=tiny_96k fine-tuned |" in to_markdown(aggregate(read_runs(runs)))
 
 
+def test_runs_in_other_arithmetic_are_other_rows_and_a_seed_counts_once(tmp_path, capsys):
+    """A GPU run (``trainer.precision=auto``: bf16) never pools with CPU fp32 runs of the same overrides; a seed
+    recorded twice (a re-run in another folder) is one draw, its newest record's value."""
+    runs = tmp_path / "runs"
+    for seed, acc in ((0, 70.0), (1, 74.0)):
+        write_result(runs, f"cpu{seed}", seed=seed, metrics={"accuracy": acc}, device="cpu (x86_64, 2 threads)")
+    write_result(runs, "gpu0", seed=0, metrics={"accuracy": 90.0}, device="NVIDIA H200", precision="bf16")
+    write_result(runs, "gpu0-fp32", seed=0, metrics={"accuracy": 91.0}, device="NVIDIA H200", precision="fp32")
+    write_result(runs, "cpu1-rerun", seed=1, metrics={"accuracy": 76.0}, device="cpu (x86_64, 1 threads)")
+    older = runs / "cpu1" / "result.json"
+    os.utime(older, (older.stat().st_mtime - 60, older.stat().st_mtime - 60))
+    table = aggregate(read_runs(runs)).set_index("numerics")
+    assert sorted(table.index) == ["cpu fp32", "cuda bf16", "cuda fp32"]
+    cpu = table.loc["cpu fp32"]
+    assert cpu["n_seeds"] == 2 and cpu["seeds"] == "0,1" and cpu["mean"] == 73.0  # 70 and the re-run's 76
+    assert cpu["duplicate_records"] == 1 and table.loc["cuda bf16", "mean"] == 90.0
+    assert "| tiny head=shared cuda bf16 |" in to_markdown(aggregate(read_runs(runs)))
+    main(["--root", str(runs), "--no-plot"])
+    assert "1 older record(s) of a seed already counted were left out" in capsys.readouterr().out
+
+
 def test_cli_writes_csv_markdown_png_and_filters(tmp_path, capsys):
     runs = tmp_path / "runs"
     for seed in range(2):
@@ -135,7 +157,7 @@ def test_cli_writes_csv_markdown_png_and_filters(tmp_path, capsys):
     csv = pd.read_csv(out)
     assert list(csv["task"]) == ["vqa"] and csv.loc[0, "mean"] == 60.5 and csv.loc[0, "n_seeds"] == 2
     for column in ("std", "ci95_low", "ci95_high", "params", "flops_per_sample", "train_samples", "wall_s_mean",
-                   "device_hours", "git_sha", "config_hash", "failed"):  # fmt: skip
+                   "device_hours", "git_sha", "config_hash", "failed", "numerics", "duplicate_records"):  # fmt: skip
         assert column in csv.columns
     assert out.with_suffix(".md").read_text().startswith("| model | task |")
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

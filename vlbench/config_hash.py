@@ -34,8 +34,30 @@ NON_SEMANTIC_KEYS = (
 )
 
 
-def semantic_config(cfg: DictConfig) -> dict:
-    """The resolved config minus the keys that do not change results."""
+def device_kind(device: str | None) -> str | None:
+    """``cpu`` or ``cuda`` from a device name or a record's description (``cpu (x86_64, 2 threads)``, ``NVIDIA
+    H200``, ``cuda:0``); None when unknown."""
+    if not device or device == "auto":
+        return None
+    return "cpu" if str(device).startswith("cpu") else "cuda"
+
+
+def effective_precision(precision: str, device_type: str) -> str:
+    """What ``trainer.precision`` computes in on a device: ``auto`` is bf16 autocast on CUDA and fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device_type == "cuda" else "fp32"
+
+
+def numerics_label(precision: str, device_type: str) -> str:
+    """``cpu fp32``, ``cuda bf16``, …: the leaderboard never pools runs that computed in different arithmetic."""
+    return f"{device_type} {effective_precision(precision, device_type)}"
+
+
+def semantic_config(cfg: DictConfig, device_type: str | None = None) -> dict:
+    """The resolved config minus the keys that do not change results. With ``device_type`` (``cpu``/``cuda``: where the
+    run computes) ``trainer.device`` and ``trainer.precision`` become what they resolve to there, so ``auto`` on a GPU
+    (bf16) and on a CPU (fp32) differ and ``auto`` and ``cpu`` on a CPU agree; without it they stay as written."""
     container = OmegaConf.to_container(cfg, resolve=True)
     for dotted in NON_SEMANTIC_KEYS:
         node = container
@@ -44,6 +66,10 @@ def semantic_config(cfg: DictConfig) -> dict:
             node = node.get(p, {})
         node.pop(leaf, None)
     _drop_unbuilt_stem_width(container.get("model"))
+    trainer = container.get("trainer")
+    if device_type is not None and isinstance(trainer, dict):
+        trainer["device"] = device_type
+        trainer["precision"] = effective_precision(trainer.get("precision", "auto"), device_type)
     return container
 
 
@@ -56,29 +82,50 @@ def _drop_unbuilt_stem_width(model: dict | None) -> None:
         kwargs.pop("stem_width")
 
 
-def config_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(json.dumps(semantic_config(cfg), sort_keys=True).encode()).hexdigest()[:12]
+def config_hash(cfg: DictConfig, device_type: str | None = None) -> str:
+    """Which runs computed the same thing: pass the run's ``device_type`` (see ``semantic_config``)."""
+    return hashlib.sha256(json.dumps(semantic_config(cfg, device_type), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def setting_hash(cfg: DictConfig) -> str:
+def setting_hash(cfg: DictConfig, device_type: str | None = None) -> str:
     """The config hash without the seed and the init source: every seed of one setting shares it (a fine-tuning seed
     usually starts from its own pre-training seed's run)."""
-    reduced = {k: v for k, v in semantic_config(cfg).items() if k not in ("seed", "init_from")}
+    reduced = {k: v for k, v in semantic_config(cfg, device_type).items() if k not in ("seed", "init_from")}
     return hashlib.sha256(json.dumps(reduced, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def record_hashes(run_dir: Path, record: dict) -> tuple[str | None, str | None]:
     """(config hash, setting hash) of a recorded run under today's results-neutral keys: recomputed from the run's
     saved config.yaml, so a record written before a key was declared neutral still matches a new run of the same
-    configuration; the record's own hashes when it saved no config."""
+    configuration; the record's own hashes when it saved no config. The device it ran on is the record's."""
+    cfg = _saved_config(run_dir)
+    if cfg is not None:
+        kind = device_kind(record.get("device"))
+        return config_hash(cfg, kind), setting_hash(cfg, kind)
+    return record.get("config_hash"), record.get("setting_hash") or record.get("config_hash")
+
+
+def record_numerics(run_dir: Path, record: dict) -> str:
+    """A recorded run's ``numerics_label``: its device and the precision it resolved (records written before the
+    precision was recorded resolve their saved ``trainer.precision`` on their device); ``""`` when unknown."""
+    kind = device_kind(record.get("device"))
+    if kind is None:
+        return ""
+    precision = record.get("precision")
+    if precision is None:
+        cfg = _saved_config(run_dir)
+        precision = OmegaConf.select(cfg, "trainer.precision", default="auto") if cfg is not None else "auto"
+    return numerics_label(precision, kind)
+
+
+def _saved_config(run_dir: Path) -> DictConfig | None:
     saved = Path(run_dir) / "config.yaml"
     if saved.exists():
         try:
-            cfg = OmegaConf.load(saved)
-            return config_hash(cfg), setting_hash(cfg)
-        except (OSError, YAMLError, OmegaConfBaseException):  # unreadable: what the record says
-            pass
-    return record.get("config_hash"), record.get("setting_hash") or record.get("config_hash")
+            return OmegaConf.load(saved)
+        except (OSError, YAMLError, OmegaConfBaseException):  # unreadable: the caller falls back to the record
+            return None
+    return None
 
 
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -1,6 +1,8 @@
 """`vlbench-leaderboard`: every run under a results root → one table with spread, cost and provenance.
 
-A row is one model × task × setting (scale, head, data and the run's overrides other than the seed); its columns are
+A row is one model × task × setting (scale, head, data, from scratch or fine-tuned, the arithmetic — ``cpu fp32``,
+``cuda bf16`` — and the run's overrides other than the seed), one value per seed (a seed recorded twice counts once:
+its newest record); its columns are
 the main metric's mean, standard deviation over seeds, number of seeds, 95 % bootstrap confidence interval of the mean,
 the per-type breakdown means, parameters, forward FLOPs per sample, training samples seen, wall-clock, device-hours,
 the code versions (git sha) and the configuration hash. Failed runs (a ``failed.json`` without ``result.json``) are
@@ -23,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vlbench.config_hash import record_hashes
+from vlbench.config_hash import record_hashes, record_numerics
 from vlbench.errors import VlbenchError
 
-# "init": from scratch or fine-tuned from another run's weights (init_from), which the setting's overrides leave out
-GROUP_KEYS = ["model", "task", "scale", "head", "data", "init", "setting"]
+# "init": from scratch or fine-tuned from another run's weights (init_from), which the setting's overrides leave out;
+# "numerics": device kind and resolved precision (trainer.precision=auto is bf16 on a GPU, fp32 on a CPU)
+GROUP_KEYS = ["model", "task", "scale", "head", "data", "init", "numerics", "setting"]
 BOOTSTRAP_RESAMPLES = 10_000
 
 
@@ -98,6 +101,7 @@ def run_row(path: Path, record: dict, status: str) -> dict:
     row.update(
         {
             "init": init_kind(record),
+            "numerics": record_numerics(path.parent, record),
             "setting": _setting_of(record),
             "setting_hash": setting_hash,
             "status": status,
@@ -115,6 +119,7 @@ def run_row(path: Path, record: dict, status: str) -> dict:
             "device": record.get("device"),
             "git_sha": record.get("git_sha"),
             "config_hash": config_hash,
+            "recorded_at": path.stat().st_mtime,  # which of two records of one seed is the newer
         }
     )
     for name, value in metrics.items():
@@ -177,6 +182,17 @@ def _joined(values: pd.Series) -> str:
     return ",".join(sorted({str(v)[:12] for v in values.dropna()}))
 
 
+def one_record_per_seed(done: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """(the finished runs of a row keeping each seed's newest record, how many older ones were dropped). Two records
+    of one seed (a re-run in another folder, an archived copy beside the run) are one draw of the seed-to-seed spread,
+    not two: counting both would narrow the CI. A record without a seed is kept."""
+    if "recorded_at" in done.columns:
+        done = done.sort_values("recorded_at", kind="stable")
+    seeded = done["seed"].notna()
+    kept = done[~seeded | ~done["seed"].duplicated(keep="last")]
+    return kept.sort_index(), len(done) - len(kept)
+
+
 def aggregate(runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """One row per model × task × setting: mean, std, n, bootstrap CI, breakdown means, cost and provenance."""
     runs = runs.copy()
@@ -185,7 +201,7 @@ def aggregate(runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     metric_columns = sorted(c for c in runs.columns if c.startswith("metric:"))
     rows = []
     for key, group in runs.groupby(GROUP_KEYS, sort=True):
-        done = group[group["status"] == "finished"]
+        done, duplicates = one_record_per_seed(group[group["status"] == "finished"])
         values = done["value"].dropna().astype(float).to_numpy()
         low, high = bootstrap_ci(values, seed=seed)
         failed = group[group["status"] == "failed"]
@@ -200,6 +216,7 @@ def aggregate(runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
                 "ci95_high": high,
                 "seeds": ",".join(str(int(s)) for s in sorted(done.loc[done["value"].notna(), "seed"].dropna())),
                 "failed": len(failed),
+                "duplicate_records": duplicates,
                 "last_error": failed["error"].dropna().iloc[-1] if failed["error"].notna().any() else "",
             }
         )
@@ -232,7 +249,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     header = "| model | task | setting | metric | mean ± std | 95 % CI | seeds | params | train samples | failed |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in table.itertuples(index=False):
-        setting = " ".join(x for x in (f"{r.scale}", f"head={r.head}", r.setting, init_label(r.init)) if x)
+        setting = " ".join(x for x in (f"{r.scale}", f"head={r.head}", r.numerics, r.setting, init_label(r.init)) if x)
         spread = f"{r.mean:.2f} ± {r.std:.2f}" if r.n_seeds > 1 else (f"{r.mean:.2f}" if r.n_seeds else "—")
         ci = f"[{r.ci95_low:.2f}, {r.ci95_high:.2f}]" if r.n_seeds > 1 else "—"
         params = f"{int(r.params) / 1e6:.2f} M" if not pd.isna(r.params) else "—"
@@ -376,6 +393,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"vlbench-leaderboard: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(to_markdown(table))
+    for r in table[table["duplicate_records"] > 0].itertuples(index=False):
+        print(
+            f"note: {r.model} {r.task}: {r.duplicate_records} older record(s) of a seed already counted were left out"
+        )
     print("wrote " + ", ".join(str(p) for p in paths))
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from vlbench.errors import VlbenchError
 from vlbench.leaderboard import GROUP_KEYS as ROW_KEYS  # a re-run is compared with its leaderboard row
-from vlbench.leaderboard import init_label
+from vlbench.leaderboard import init_label, one_record_per_seed
 
 # the columns of a re-run that is not judged against a spread (no reference row, one reference seed, or failed)
 UNJUDGED = {"reference_mean": math.nan, "reference_std": math.nan, "reference_n": 0, "same_seed_reference": math.nan,
@@ -73,7 +73,7 @@ def compare_with_reference(reruns: pd.DataFrame, reference: pd.DataFrame, level:
     ref = reference[reference["status"] == "finished"].copy()
     for key in ROW_KEYS:
         ref[key] = ref[key].fillna("").astype(str)
-    groups = {key: group for key, group in ref.groupby(ROW_KEYS, sort=False)}
+    groups = {key: one_record_per_seed(group)[0] for key, group in ref.groupby(ROW_KEYS, sort=False)}
     rows = []
     for run in reruns.itertuples(index=False):
         key = tuple("" if pd.isna(getattr(run, k)) else str(getattr(run, k)) for k in ROW_KEYS)
@@ -120,7 +120,7 @@ def report_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in table.itertuples(index=False):
-        setting = " ".join(x for x in (r.scale, f"head={r.head}", r.setting, init_label(r.init)) if x)
+        setting = " ".join(x for x in (r.scale, f"head={r.head}", r.numerics, r.setting, init_label(r.init)) if x)
         spread = f"{_number(r.reference_mean)} ± {_number(r.reference_std)} ({r.reference_n})"
         z = "—" if math.isnan(r.z) else (f"{r.z:+.2f}" if math.isfinite(r.z) else f"{r.z:+}")
         verdict = "—" if isinstance(r.within, float) and math.isnan(r.within) else ("yes" if r.within else "**no**")

@@ -20,7 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_model
 
-from vlbench.config_hash import NON_SEMANTIC_KEYS
+from vlbench.config_hash import NON_SEMANTIC_KEYS, device_kind, effective_precision
 from vlbench.errors import VlbenchError
 from vlbench.safe_load import load_safetensors_into, read_safetensors_metadata, read_torch_file
 
@@ -164,7 +164,11 @@ class RunRecord:
                               ("head", "head"), ("data", "data.name"), ("seed", "seed"),
                               ("init_from", "init_from"))  # the leaderboard row: fine-tuned or from scratch
         }  # fmt: skip
-        record.update({"error": message, "setting_overrides": setting_overrides(), "git_sha": git_sha()})
+        device = str(OmegaConf.select(cfg, "trainer.device", default="auto"))
+        kind = device_kind(device) or ("cuda" if torch.cuda.is_available() else "cpu")  # where it would have run
+        precision = effective_precision(str(OmegaConf.select(cfg, "trainer.precision", default="auto")), kind)
+        record.update({"error": message, "setting_overrides": setting_overrides(), "git_sha": git_sha(),
+                       "device": kind, "precision": precision})  # fmt: skip
         atomic_write_json(self.dir / "failed.json", record)
 
     def save_checkpoint(self, name: str, model: torch.nn.Module, trainer_state: dict | None = None) -> None:

@@ -38,11 +38,12 @@ def has_weights(run_dir: Path) -> bool:
     return any((Path(run_dir) / "checkpoints" / f"{name}.safetensors").exists() for name in ("best", "last"))
 
 
-def find_same_run(root: Path, cfg: DictConfig, also: Path | None = None) -> Path | None:
-    """The newest finished run with this run's config hash (results-neutral keys excluded) under ``root`` or in the
-    run directory ``also`` (a re-launched sweep writes to the same directories, which may lie outside ``root``). A
-    pre-training run counts only with its weights: the fine-tuning runs of the grid start from them."""
-    wanted = config_hash(cfg)
+def find_same_run(root: Path, cfg: DictConfig, device_type: str, also: Path | None = None) -> Path | None:
+    """The newest finished run with this run's config hash (results-neutral keys excluded) on this kind of device
+    (``cpu``/``cuda``: a CPU fp32 record is no answer for a GPU bf16 run) under ``root`` or in the run directory
+    ``also`` (a re-launched sweep writes to the same directories, which may lie outside ``root``). A pre-training run
+    counts only with its weights: the fine-tuning runs of the grid start from them."""
+    wanted = config_hash(cfg, device_type)
     runs = finished_runs(root)
     if also is not None and (Path(also) / "result.json").exists():
         runs += [(Path(also), json.loads((Path(also) / "result.json").read_text(encoding="utf-8")))]

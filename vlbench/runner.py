@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from vlbench.config_hash import config_differences, config_hash, semantic_config, setting_hash
+from vlbench.config_hash import config_differences, config_hash, effective_precision, semantic_config, setting_hash
 from vlbench.data.sources import dataset_json_files, resolve_data_root
 from vlbench.data.text import load_tokenizer
 from vlbench.distributed import (
@@ -451,7 +451,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             )
         tcfg.lr, tcfg.finetune_lr = tcfg.finetune_lr, None
     if cfg.reuse_finished and resume_state is None:
-        same = find_same_run(Path(cfg.reuse_root), cfg, also=record.dir)
+        same = find_same_run(Path(cfg.reuse_root), cfg, device.type, also=record.dir)
         if same is not None:
             if main:
                 tqdm.write(f"reuse_finished: {same} already ran this configuration; not running it again")
@@ -461,7 +461,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if record.result_path.exists():
             raise VlbenchError(f"{record.result_path}: a run with another config finished here; choose another dir")
     if resume_state is not None:  # compared after the epoch budget became steps, as the saved config has it
-        diffs = config_differences(semantic_config(record.saved_config()), semantic_config(cfg))
+        diffs = config_differences(
+            semantic_config(record.saved_config(), device.type), semantic_config(cfg, device.type)
+        )
         if diffs:
             raise VlbenchError(f"resume={cfg.resume}: the config differs from the saved run: {'; '.join(diffs)}")
     # again: preparing data may have drawn from the RNG (a first extraction of region features, on rank 0 only); the
@@ -535,7 +537,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     logger = build_logger(cfg.logger, record.dir, cfg) if main else NullLogger()
     manifest = {
         "git_sha": git_sha(),
-        "config_hash": config_hash(cfg),
+        "config_hash": config_hash(cfg, device.type),
         "versions": package_versions(),
         "device": device_description(device),
         "num_devices": procs.world_size,
@@ -553,7 +555,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "augmentation": cfg.data.augmentation,
         "batch_size": tcfg.batch_size * tcfg.grad_accum_steps,  # global: over processes and accumulated micro-batches
         "per_device_batch_size": local_batch_size,
-        "precision": tcfg.precision,
+        "precision": effective_precision(tcfg.precision, device.type),  # what auto resolved to here
         "compile": tcfg.compile,
         "init_from": init_report,
     }
@@ -838,10 +840,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "skipped_steps": skipped_steps,
         "wall_s": round(wall, 2),
         "config_hash": manifest["config_hash"],
-        "setting_hash": setting_hash(cfg),
+        "setting_hash": setting_hash(cfg, device.type),
         "setting_overrides": setting_overrides(),
         "flops_per_sample_forward": flops_per_sample,
         "device": manifest["device"],
+        "precision": manifest["precision"],
         "num_devices": procs.world_size,
         "git_sha": manifest["git_sha"],
     }
