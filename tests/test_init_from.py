@@ -13,6 +13,7 @@ from tests.test_tasks_end_to_end import SMALL_FORMATS
 from vlbench.config_hash import record_numerics
 from vlbench.errors import VlbenchError
 from vlbench.leaderboard import archive_records
+from vlbench.reuse import find_pretrained
 from vlbench.runner import run
 
 
@@ -154,6 +155,24 @@ def test_init_from_pretrained_prefers_the_pretraining_of_its_own_setting(make_cf
     (smoke / "result.json").write_text(json.dumps({**record, "setting_overrides": ["trainer.max_steps=1"]}))
     cfg = make_cfg("model=albef", "task=vqa", "init_from=pretrained", f"reuse_root={tmp_path}", "trainer.max_steps=1")
     assert run(cfg, tmp_path / "vqa")["init_from"] == str(pretrained_run)  # its overrides (none here) match
+
+
+def test_a_pretraining_of_another_setting_is_named_once_not_by_every_process(
+    make_cfg, tmp_path, pretrained_run, capsys, monkeypatch
+):
+    """With no pre-training of its own setting the newest matching one is used and named — by rank 0 only (under
+    torchrun every process resolves it)."""
+    for budget in ("x", "y"):
+        record = json.loads((pretrained_run / "result.json").read_text())
+        (pretrained_run / "result.json").write_text(json.dumps({**record, "setting_overrides": [f"budget={budget}"]}))
+        shutil.copytree(pretrained_run, tmp_path / f"pretrain-{budget}")
+    shutil.rmtree(pretrained_run)
+    cfg = make_cfg("model=albef", "task=vqa", "init_from=pretrained", f"reuse_root={tmp_path}")
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert find_pretrained(tmp_path, cfg).name in ("pretrain-x", "pretrain-y")
+        out = capsys.readouterr().out
+        assert ("no pre-training run with this run's overrides" in out) == said, out
 
 
 def test_a_resumed_fine_tune_keeps_its_pretraining_source(make_cfg, tmp_path, pretrained_run):

@@ -9,6 +9,7 @@ configuration, scale, data and seed under ``reuse_root``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -86,7 +87,8 @@ def find_pretrained(root: Path, cfg: DictConfig) -> Path:
         return same_setting[-1]
     if exact:
         run_dir, setting = exact[-1]
-        if len({tuple(s) for _, s in exact}) > 1:  # runs of several settings, none of this run's: say which one
+        several = len({tuple(s) for _, s in exact}) > 1
+        if several and os.environ.get("RANK", "0") == "0":  # none of this run's setting: say which (once, not per rank)
             print(
                 f"init_from=pretrained: no pre-training run with this run's overrides ({' '.join(own) or 'none'}); "
                 f"using the newest of {len(exact)}: {run_dir} ({' '.join(setting) or 'no overrides'})"
