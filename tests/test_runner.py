@@ -127,6 +127,21 @@ def test_resume_refuses_a_different_config(make_cfg, tmp_path):
         )
 
 
+def test_resume_refuses_other_arithmetic(make_cfg, tmp_path):
+    """A run saved by a GPU process (``trainer.precision=auto``: bf16) does not continue in fp32 on a CPU node: the
+    config hashes the same, the numbers would not."""
+    overrides = ("model=textonly", "trainer.max_steps=4")
+    run(make_cfg(*overrides, "trainer.stop_at_step=2"), tmp_path / "b")
+    path = tmp_path / "b" / "checkpoints" / "last.state.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["numerics"] == "cpu fp32"
+    torch.save({**state, "numerics": "cuda bf16"}, path)
+    with pytest.raises(VlbenchError, match="trained in cuda bf16, this process would continue in cpu fp32"):
+        run(make_cfg(*overrides, f"resume={tmp_path / 'b'}"), tmp_path / "b")
+    torch.save({**state, "numerics": "cpu fp32"}, path)
+    assert run(make_cfg(*overrides, f"resume={tmp_path / 'b'}"), tmp_path / "b")["steps"] == 4
+
+
 def test_a_finished_run_is_never_overwritten(make_cfg, tmp_path):
     run(make_cfg("model=majority", "trainer.max_steps=1"), tmp_path / "r")
     with pytest.raises(VlbenchError, match="already finished"):

@@ -39,7 +39,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from vlbench.config_hash import config_differences, config_hash, effective_precision, semantic_config, setting_hash
+from vlbench.config_hash import (
+    config_differences,
+    config_hash,
+    effective_precision,
+    numerics_label,
+    semantic_config,
+    setting_hash,
+)
 from vlbench.data.sources import dataset_json_files, resolve_data_root
 from vlbench.data.text import load_tokenizer
 from vlbench.distributed import (
@@ -466,6 +473,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         )
         if diffs:
             raise VlbenchError(f"resume={cfg.resume}: the config differs from the saved run: {'; '.join(diffs)}")
+        saved_numerics, numerics = resume_state.get("numerics"), numerics_label(tcfg.precision, device.type)
+        if saved_numerics is not None and saved_numerics != numerics:  # e.g. a GPU job requeued onto a CPU node
+            raise VlbenchError(
+                f"resume={cfg.resume}: the run trained in {saved_numerics}, this process would continue in {numerics}"
+                " (trainer.device/precision): resume it on the same kind of device"
+            )
     # again: preparing data may have drawn from the RNG (a first extraction of region features, on rank 0 only); the
     # initial weights must not depend on it
     seed_everything(cfg.seed)
@@ -576,6 +589,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "bad_in_a_row": bad_in_a_row,
             "validation_due": validation_due,
             "wall_s": earlier_wall_s + time.time() - started,  # a resumed run's wall time covers every launch
+            "numerics": numerics_label(tcfg.precision, device.type),  # a resume elsewhere must compute the same way
         }
 
     last_saved_step = step if resume_state is not None else None
