@@ -74,7 +74,7 @@ leaderboard: $(STAMP)
 	@start=$$(date +%s); \
 	$(call GRID_SWEEPS,); \
 	$(BIN)/vlbench-leaderboard --archive results/runs --archive-setting budget=tiny_96k --root results/reference \
-		--out results/leaderboard.csv && \
+		--out results/leaderboard.csv --by task && \
 	echo "leaderboard wall time: $$(( $$(date +%s) - start )) s (git $$(git rev-parse --short HEAD))"
 
 # Reproduce the reference leaderboard (or a part: GRID_MODELS, GRID_SEEDS) from scratch and check it: the same grid,

@@ -15,7 +15,15 @@ import pytest
 from tests.conftest import SMALL_WORLD
 from tests.test_cli import vlbench
 from vlbench.errors import VlbenchError
-from vlbench.leaderboard import aggregate, bootstrap_ci, main, paired_bootstrap, read_runs, to_markdown
+from vlbench.leaderboard import (
+    aggregate,
+    bootstrap_ci,
+    grouped,
+    main,
+    paired_bootstrap,
+    read_runs,
+    to_markdown,
+)
 
 
 def write_result(root, name, **fields):
@@ -164,6 +172,36 @@ def test_cli_writes_csv_markdown_png_and_filters(tmp_path, capsys):
     assert "60.50 ± 0.71" in capsys.readouterr().out
     main(["--root", str(runs), "--no-plot"])  # no --out: beside the runs, never over the committed reference table
     assert len(pd.read_csv(runs / "leaderboard.csv")) == 2 and (runs / "leaderboard.md").is_file()
+
+
+def test_grouped_by_task_puts_tasks_in_columns_without_pooling_rows(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed, (vqa, gqa) in enumerate(((70.0, 40.0), (74.0, 44.0))):
+        write_result(runs, f"albef-vqa-{seed}", seed=seed, metrics={"accuracy": vqa})
+        write_result(runs, f"albef-gqa-{seed}", seed=seed, task="gqa", metrics={"accuracy": gqa})
+    write_result(runs, "lxmert-vqa-0", model="lxmert", metrics={"accuracy": 80.0})
+    write_result(runs, "albef-ablation", setting_overrides=["model.distill=false"], metrics={"accuracy": 10.0})
+    wide = grouped(aggregate(read_runs(runs)), "task").set_index(["model", "setting"])
+    assert list(wide.columns[-6:]) == ["gqa", "gqa std", "gqa n", "vqa", "vqa std", "vqa n"]
+    albef = wide.loc[("albef", "")]
+    assert (albef["vqa"], albef["gqa"], albef["vqa n"]) == (72.0, 42.0, 2)
+    assert albef["vqa std"] == pytest.approx(np.std([70, 74], ddof=1))
+    lxmert = wide.loc[("lxmert", "")]
+    assert lxmert["vqa"] == 80.0 and lxmert["gqa n"] == 0 and np.isnan(lxmert["gqa"])
+    assert wide.loc[("albef", "model.distill=false"), "vqa"] == 10.0  # its own row, not averaged into albef's
+    out = tmp_path / "board" / "leaderboard.csv"
+    main(["--root", str(runs), "--out", str(out), "--by", "task", "--no-plot"])
+    markdown = (tmp_path / "board" / "leaderboard_by_task.md").read_text()
+    assert markdown.startswith("| model | setting | gqa (accuracy) | vqa (accuracy) |")
+    assert "| albef | tiny head=shared | 42.00 ± 2.83 (2) | 72.00 ± 2.83 (2) |" in markdown
+    assert "| lxmert | tiny head=shared | — | 80.00 (1) |" in markdown
+    assert pd.read_csv(tmp_path / "board" / "leaderboard_by_task.csv").shape == (
+        3,
+        7 + 6,
+    )  # 7 row keys, 3 columns per task
+    assert markdown in capsys.readouterr().out
+    with pytest.raises(VlbenchError, match="--by mean: not a row key"):
+        grouped(aggregate(read_runs(runs)), "mean")
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -261,6 +261,57 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grouped(table: pd.DataFrame, by: str) -> pd.DataFrame:
+    """The table with one of its row keys turned into columns — ``by="task"``: a row per model × setting and a
+    column per task, the layout of a paper's results table; ``by="model"``: a column per model. Each value of ``by``
+    gets ``<value>`` (mean), ``<value> std`` and ``<value> n`` columns; no value is pooled across rows."""
+    if by not in GROUP_KEYS:
+        raise VlbenchError(f"--by {by}: not a row key (choose from {', '.join(GROUP_KEYS)}; --sort orders rows)")
+    keys = [k for k in GROUP_KEYS if k != by]
+    values = sorted(table[by].astype(str).unique())
+    rows = []
+    for key, group in table.groupby(keys, sort=True, dropna=False):
+        row = dict(zip(keys, key, strict=True))
+        for value in values:
+            cell = group[group[by].astype(str) == value]
+            found = not cell.empty and int(cell["n_seeds"].iloc[0]) > 0
+            row[value] = float(cell["mean"].iloc[0]) if found else float("nan")
+            row[f"{value} std"] = float(cell["std"].iloc[0]) if found else float("nan")
+            row[f"{value} n"] = int(cell["n_seeds"].iloc[0]) if not cell.empty else 0
+        rows.append(row)
+    wide = pd.DataFrame(rows)
+    metrics = {v: table.loc[table[by].astype(str) == v, "main_metric"].unique() for v in values}
+    wide.attrs["metric"] = {v: str(m[0]) for v, m in metrics.items() if len(m) == 1}  # one metric per column
+    return wide
+
+
+def grouped_markdown(wide: pd.DataFrame, by: str) -> str:
+    """``grouped`` as Markdown: the row's setting, then ``mean ± std (n)`` per value of ``by``."""
+    keys = [k for k in GROUP_KEYS if k != by]
+    values = [c for c in wide.columns if c not in keys and not c.endswith((" std", " n"))]
+    named = [k for k in ("model", "task") if k in keys]
+    metric = wide.attrs.get("metric", {})
+    titles = [f"{v} ({metric[v]})" if v in metric else v for v in values]
+    header = "| " + " | ".join([*named, "setting", *titles]) + " |"
+    lines = [header, "|" + "---|" * (len(named) + 1 + len(values))]
+    for r in wide.to_dict("records"):
+        setting = " ".join(
+            str(x)
+            for x in (r.get("scale"), r.get("head") and f"head={r['head']}", r.get("numerics"), r.get("setting"),
+                      init_label(r.get("init", "")))
+            if x
+        )  # fmt: skip
+        cells = []
+        for v in values:
+            n = r[f"{v} n"]
+            if n == 0 or pd.isna(r[v]):
+                cells.append("—")
+            else:
+                cells.append(f"{r[v]:.2f} ± {r[f'{v} std']:.2f} ({n})" if n > 1 else f"{r[v]:.2f} (1)")
+        lines.append("| " + " | ".join([*(str(r[k]) for k in named), setting, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(table: pd.DataFrame, path: Path) -> None:
     """One panel per task: each model × setting's mean with its 95 % CI as an error bar."""
     import matplotlib
@@ -342,7 +393,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--task", action="append", help="keep only these tasks (repeatable)")
     parser.add_argument("--model", action="append", help="keep only these models (repeatable)")
-    parser.add_argument("--by", default=None, help="sort rows by this column (default: task, then mean descending)")
+    parser.add_argument("--sort", default=None, help="sort rows by this column (default: task, then mean descending)")
+    parser.add_argument(
+        "--by",
+        default=None,
+        help="also write a table grouped by this row key, its values as columns (e.g. task: a row per model and "
+        "setting, a column per task) to <out>_by_<key>.{csv,md}",
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument(
         "--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="paired bootstrap test between two run directories"
@@ -381,18 +438,24 @@ def main(argv: list[str] | None = None) -> None:
             )
             return
         table = aggregate(_filtered(read_runs(Path(args.root)), args))
-        if args.by:
-            if args.by not in table.columns:
-                raise VlbenchError(f"--by {args.by}: not a column (choose from {', '.join(table.columns)})")
-            table = table.sort_values(args.by, kind="stable")
+        if args.sort:
+            if args.sort not in table.columns:
+                raise VlbenchError(f"--sort {args.sort}: not a column (choose from {', '.join(table.columns)})")
+            table = table.sort_values(args.sort, kind="stable")
         else:
             table = table.sort_values(["task", "mean"], ascending=[True, False], kind="stable")
+        wide = grouped(table, args.by) if args.by else None
         out = Path(args.out) if args.out else Path(args.root) / "leaderboard.csv"
         paths = write_leaderboard(table, out, with_plot=not args.no_plot)
+        if wide is not None:
+            wide_csv = out.with_name(f"{out.stem}_by_{args.by}.csv")
+            wide.to_csv(wide_csv, index=False)
+            wide_csv.with_suffix(".md").write_text(grouped_markdown(wide, args.by), encoding="utf-8")
+            paths += [wide_csv, wide_csv.with_suffix(".md")]
     except VlbenchError as e:
         print(f"vlbench-leaderboard: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(to_markdown(table))
+    print(to_markdown(table) if wide is None else grouped_markdown(wide, args.by))
     for r in table[table["duplicate_records"] > 0].itertuples(index=False):
         print(
             f"note: {r.model} {r.task}: {r.duplicate_records} older record(s) of a seed already counted were left out"
