@@ -256,6 +256,9 @@ def test_speed_switches_leave_the_config_hash(make_cfg):
         "model=pixelbert", "trainer.compile=true", "model.channels_last=false", "trainer.optimizer_impl=loop"
     )
     assert config_hash(switched) == config_hash(make_cfg("model=pixelbert"))
+    elsewhere = make_cfg("model=pixelbert", "trainer.log_every=7", "trainer.num_workers=2", "data.cache_dir=/x")
+    assert config_hash(elsewhere) == config_hash(make_cfg("model=pixelbert"))
+    assert config_hash(make_cfg("model=pixelbert", "trainer.eval_every=7")) != config_hash(make_cfg("model=pixelbert"))
 
 
 def test_a_stem_width_timm_ignored_leaves_the_config_hash(make_cfg):
