@@ -143,12 +143,14 @@ def test_runs_in_other_arithmetic_are_other_rows_and_a_seed_counts_once(tmp_path
     write_result(runs, "gpu0", seed=0, metrics={"accuracy": 90.0}, device="NVIDIA H200", precision="bf16")
     write_result(runs, "gpu0-fp32", seed=0, metrics={"accuracy": 91.0}, device="NVIDIA H200", precision="fp32")
     write_result(runs, "cpu1-rerun", seed=1, metrics={"accuracy": 76.0}, device="cpu (x86_64, 1 threads)")
+    write_result(runs, "cpu2", seed=2, metrics={"accuracy": 73.0}, device="cpu (x86_64, 2 threads)",
+                 setting_overrides=["trainer.device=cpu"])  # what auto computes on a CPU: the same row  # fmt: skip
     older = runs / "cpu1" / "result.json"
     os.utime(older, (older.stat().st_mtime - 60, older.stat().st_mtime - 60))
     table = aggregate(read_runs(runs)).set_index("numerics")
     assert sorted(table.index) == ["cpu fp32", "cuda bf16", "cuda fp32"]
     cpu = table.loc["cpu fp32"]
-    assert cpu["n_seeds"] == 2 and cpu["seeds"] == "0,1" and cpu["mean"] == 73.0  # 70 and the re-run's 76
+    assert cpu["n_seeds"] == 3 and cpu["seeds"] == "0,1,2" and cpu["mean"] == 73.0  # 70, the re-run's 76, 73
     assert cpu["duplicate_records"] == 1 and table.loc["cuda bf16", "mean"] == 90.0
     assert "| tiny head=shared cuda bf16 |" in to_markdown(aggregate(read_runs(runs)))
     main(["--root", str(runs), "--no-plot"])

@@ -37,6 +37,20 @@ NON_SEMANTIC_KEYS = (
 )
 
 
+# Overrides that are their own leaderboard columns (model, task, ..., and numerics: device kind and precision) or do
+# not change results; the rest name a run's setting.
+_NON_SETTING_OVERRIDES = {"model", "task", "seed", "scale", "head", "data", "init_from", "experiment"}
+_NUMERICS_OVERRIDES = {"trainer.device", "trainer.precision"}
+
+
+def is_setting_override(override: str) -> bool:
+    """Whether a command-line override (``key=value``) is part of a run's setting: ``trainer.device=cpu`` is not —
+    the ``numerics`` column says where and in what precision a run computed, and ``auto`` on a CPU is the same."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    excluded = _NON_SETTING_OVERRIDES | _NUMERICS_OVERRIDES
+    return not (key in excluded or key in NON_SEMANTIC_KEYS or key.startswith("logger"))
+
+
 def device_kind(device: str | None) -> str | None:
     """``cpu`` or ``cuda`` from a device name or a record's description (``cpu (x86_64, 2 threads)``, ``NVIDIA
     H200``, ``cuda:0``); None when unknown."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vlbench.config_hash import record_hashes, record_numerics
+from vlbench.config_hash import is_setting_override, record_hashes, record_numerics
 from vlbench.errors import VlbenchError
 
 # "init": from scratch or fine-tuned from another run's weights (init_from), which the setting's overrides leave out;
@@ -82,8 +82,8 @@ def _read_json(path: Path) -> dict:
 
 def _setting_of(record: dict) -> str:
     """The overrides that define the setting (seed excluded); empty for records written before runs kept them."""
-    overrides = record.get("setting_overrides")
-    return " ".join(overrides) if overrides else ""
+    overrides = [o for o in record.get("setting_overrides") or [] if is_setting_override(o)]  # today's rule
+    return " ".join(overrides)
 
 
 def init_kind(record: dict) -> str:

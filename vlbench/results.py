@@ -20,7 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_model
 
-from vlbench.config_hash import NON_SEMANTIC_KEYS, device_kind, effective_precision
+from vlbench.config_hash import device_kind, effective_precision, is_setting_override
 from vlbench.errors import VlbenchError
 from vlbench.safe_load import load_safetensors_into, read_safetensors_metadata, read_torch_file
 
@@ -50,10 +50,6 @@ def atomic_write_json(path: Path, obj: object) -> None:
     _atomic_write(path, write)
 
 
-# Overrides that are their own leaderboard columns or do not change results; the rest name a run's setting.
-_NON_SETTING_OVERRIDES = {"model", "task", "seed", "scale", "head", "data", "init_from", "experiment"}
-
-
 def setting_overrides() -> list[str]:
     """The command-line overrides of this Hydra job that define its setting (e.g. ``model.cross_layer=false``),
     sorted; empty outside a Hydra app."""
@@ -61,13 +57,7 @@ def setting_overrides() -> list[str]:
 
     if not HydraConfig.initialized():
         return []
-    out = []
-    for override in HydraConfig.get().overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in _NON_SETTING_OVERRIDES or key in NON_SEMANTIC_KEYS or key.startswith("logger"):
-            continue
-        out.append(override)
-    return sorted(out)
+    return sorted(o for o in HydraConfig.get().overrides.task if is_setting_override(o))
 
 
 def git_sha(repo: Path | None = None) -> str | None:

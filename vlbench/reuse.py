@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlbench.config_hash import config_differences, config_hash, record_hashes, semantic_config
+from vlbench.config_hash import config_differences, config_hash, is_setting_override, record_hashes, semantic_config
 from vlbench.errors import VlbenchError
 
 PRETRAINED = "pretrained"  # the init_from keyword
@@ -78,7 +78,7 @@ def find_pretrained(root: Path, cfg: DictConfig) -> Path:
         if not saved.exists() or not has_weights(run_dir):
             continue
         model = semantic_config(OmegaConf.load(saved))["model"]  # speed-only keys (channels_last) do not count
-        setting = sorted(record.get("setting_overrides") or [])
+        setting = sorted(o for o in record.get("setting_overrides") or [] if is_setting_override(o))
         candidates.append((run_dir, config_differences(model, want_model, "model."), setting))
     exact = [(run_dir, setting) for run_dir, diffs, setting in candidates if not diffs]
     own = setting_overrides()
