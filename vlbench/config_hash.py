@@ -115,22 +115,35 @@ def record_hashes(run_dir: Path, record: dict) -> tuple[str | None, str | None]:
     """(config hash, setting hash) of a recorded run under today's results-neutral keys: recomputed from the run's
     saved config.yaml, so a record written before a key was declared neutral still matches a new run of the same
     configuration; the record's own hashes when it saved no config. The device it ran on is the record's."""
+    return _hashes(_saved_config(run_dir), record)
+
+
+def record_numerics(run_dir: Path, record: dict) -> str:
+    """A recorded run's ``numerics_label``: its device and the precision it resolved (records written before the
+    precision was recorded resolve their saved ``trainer.precision`` on their device); ``""`` when unknown."""
+    return _numerics(run_dir, record, None)
+
+
+def record_identity(run_dir: Path, record: dict) -> tuple[str | None, str | None, str]:
+    """(config hash, setting hash, numerics) of a recorded run, its config.yaml read once (the leaderboard's row)."""
     cfg = _saved_config(run_dir)
+    return (*_hashes(cfg, record), _numerics(run_dir, record, cfg))
+
+
+def _hashes(cfg: DictConfig | None, record: dict) -> tuple[str | None, str | None]:
     if cfg is not None:
         kind = device_kind(record.get("device"))
         return config_hash(cfg, kind), setting_hash(cfg, kind)
     return record.get("config_hash"), record.get("setting_hash") or record.get("config_hash")
 
 
-def record_numerics(run_dir: Path, record: dict) -> str:
-    """A recorded run's ``numerics_label``: its device and the precision it resolved (records written before the
-    precision was recorded resolve their saved ``trainer.precision`` on their device); ``""`` when unknown."""
+def _numerics(run_dir: Path, record: dict, cfg: DictConfig | None) -> str:
     kind = device_kind(record.get("device"))
     if kind is None:
         return ""
     precision = record.get("precision")
     if precision is None:
-        cfg = _saved_config(run_dir)
+        cfg = cfg if cfg is not None else _saved_config(run_dir)
         precision = OmegaConf.select(cfg, "trainer.precision", default="auto") if cfg is not None else "auto"
     return numerics_label(precision, kind)
 

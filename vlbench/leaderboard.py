@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vlbench.config_hash import is_setting_override, record_hashes, record_numerics
+from vlbench.config_hash import is_setting_override, record_identity
 from vlbench.errors import VlbenchError
 
 # "init": from scratch or fine-tuned from another run's weights (init_from), which the setting's overrides leave out;
@@ -97,11 +97,11 @@ def run_row(path: Path, record: dict, status: str) -> dict:
     metrics = record.get("metrics", {})
     main = record.get("main_metric")
     row = {key: record.get(key) for key in ("model", "task", "scale", "head", "data", "seed", "split")}
-    config_hash, setting_hash = record_hashes(path.parent, record)  # today's results-neutral keys
+    config_hash, setting_hash, numerics = record_identity(path.parent, record)  # today's results-neutral keys
     row.update(
         {
             "init": init_kind(record),
-            "numerics": record_numerics(path.parent, record),
+            "numerics": numerics,
             "setting": _setting_of(record),
             "setting_hash": setting_hash,
             "status": status,
