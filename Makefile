@@ -81,12 +81,18 @@ leaderboard: $(STAMP)
 # run under REPRO_ROOT (git-ignored, outside results/ so that neither grid reuses the other's runs, and killed runs
 # continue when re-launched), then every re-run judged against the records in results/reference — inside the
 # reference seeds' 95 % prediction interval or not (`vlbench-leaderboard --reproduce`; exit status 1 if one is not).
+# REPRO_ARCHIVE=<dir> (e.g. results/reproduce/<date>): also copy the re-runs' records (no weights) there, to be kept in
+# git, and judge that folder: a grid re-run in parts on machines that do not keep outputs/ from one session to the
+# next still adds up to a checkable whole (`vlbench-leaderboard --root results/reproduce --reproduce results/reference`).
 REPRO_ROOT ?= outputs/reproduce
+REPRO_ARCHIVE ?=
+REPRO_JUDGED = $(if $(REPRO_ARCHIVE),--archive $(REPRO_ROOT)/runs --archive-setting budget=tiny_96k --root \
+	$(REPRO_ARCHIVE),--root $(REPRO_ROOT)/runs)
 reproduce: $(STAMP)
 	@start=$$(date +%s); \
 	$(call GRID_SWEEPS,results_dir=$(REPRO_ROOT)/runs hydra.sweep.dir=$(REPRO_ROOT)/runs reuse_root=$(REPRO_ROOT)); \
 	echo "reproduction wall time: $$(( $$(date +%s) - start )) s (git $$(git rev-parse --short HEAD))"; \
-	$(BIN)/vlbench-leaderboard --root $(REPRO_ROOT)/runs --reproduce results/reference
+	$(BIN)/vlbench-leaderboard $(REPRO_JUDGED) --reproduce results/reference
 
 # GPU checks (tests/test_gpu.py and the base-scale bf16 bench) on a GPU machine that has CUDA torch, timm and
 # transformers but no package index: `make device-wheels` here puts the pure-Python rest into .whl/ (git-ignored;

@@ -340,6 +340,29 @@ def test_reproduction_judges_each_rerun_against_the_reference_prediction_interva
     assert not board.exists()  # a check writes no table
 
 
+def test_reproduction_parts_archived_on_different_machines_are_judged_together(tmp_path, capsys):
+    """`make reproduce REPRO_ARCHIVE=...`: each session's re-runs (its machine keeps no outputs/) are copied into a
+    folder kept in git and judged there, so the parts add up (a seed re-run in two sessions is two re-runs)."""
+    reference, kept = tmp_path / "reference", tmp_path / "kept"
+    grid = {"setting_overrides": ["budget=tiny_96k"]}
+    for seed, accuracy in enumerate((80.0, 82.0, 84.0)):
+        write_result(reference, f"vqa{seed}", seed=seed, metrics={"accuracy": accuracy}, **grid)
+    for part, seeds in (("monday", (0, 1)), ("tuesday", (1, 2))):
+        runs = tmp_path / part / "runs"
+        for seed in seeds:
+            write_result(runs, f"albef/vqa/seed{seed}", seed=seed, metrics={"accuracy": 81.0 + seed}, **grid)
+        write_result(runs, "albef/vqa/demo", seed=9, metrics={"accuracy": 10.0})  # another setting: not archived
+        with pytest.raises(SystemExit) as stopped:
+            main(["--archive", str(runs), "--archive-setting", "budget=tiny_96k", "--root", str(kept / part),
+                  "--reproduce", str(reference)])  # fmt: skip
+        assert stopped.value.code == 0
+        assert f"{len(seeds)} of {len(seeds)} re-runs inside" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        main(["--root", str(kept), "--reproduce", str(reference)])
+    out = capsys.readouterr().out
+    assert stopped.value.code == 0 and "4 of 4 re-runs inside" in out and "run time: 144 s" in out
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_reproduce_runs_the_grid_apart_from_the_reference_and_checks_it(tmp_path):
     """`make reproduce` must neither reuse the reference records nor write into results/: every grid command runs
@@ -347,9 +370,9 @@ def test_make_reproduce_runs_the_grid_apart_from_the_reference_and_checks_it(tmp
     root = tmp_path / "repro"
     repo = Path(__file__).resolve().parents[1]
 
-    def commands(target):
-        dry = subprocess.run(["make", "-n", "--no-print-directory", target, f"REPRO_ROOT={root}", "GRID_SEEDS=0"],
-                             cwd=repo, capture_output=True, text=True, check=True)  # fmt: skip
+    def commands(target, *extra):
+        make = ["make", "-n", "--no-print-directory", target, f"REPRO_ROOT={root}", "GRID_SEEDS=0", *extra]
+        dry = subprocess.run(make, cwd=repo, capture_output=True, text=True, check=True)
         return [c.strip() for c in dry.stdout.replace("\\\n", " ").split(";") if "bin/vlbench" in c]
 
     reproduce = commands("reproduce")
@@ -359,6 +382,13 @@ def test_make_reproduce_runs_the_grid_apart_from_the_reference_and_checks_it(tmp
         for override in (f"results_dir={root}/runs", f"hydra.sweep.dir={root}/runs", f"reuse_root={root}"):
             assert override in command.split(), (override, command)
     assert reproduce[-1].endswith(f"vlbench-leaderboard --root {root}/runs --reproduce results/reference")
+    # REPRO_ARCHIVE: the records go to a folder kept in git, and that folder (all parts so far) is judged
+    archived = commands("reproduce", f"REPRO_ARCHIVE={tmp_path / 'kept'}")
+    assert archived[:-1] == reproduce[:-1]
+    assert archived[-1].split()[1:] == [
+        "--archive", f"{root}/runs", "--archive-setting", "budget=tiny_96k", "--root", str(tmp_path / "kept"),
+        "--reproduce", "results/reference",
+    ]  # fmt: skip
     leaderboard = commands("leaderboard")
     assert len([c for c in leaderboard if "bin/vlbench -m" in c]) == 3
     assert not any(str(root) in c for c in leaderboard)  # the reference grid keeps its own places
