@@ -175,6 +175,28 @@ def test_a_pretraining_of_another_setting_is_named_once_not_by_every_process(
         assert ("no pre-training run with this run's overrides" in out) == said, out
 
 
+def test_init_from_pretrained_prefers_a_pretraining_in_its_own_arithmetic(make_cfg, tmp_path, pretrained_run, capsys):
+    """A grid moved to a GPU beside a laptop's results: its fine-tunes start from the GPU (bf16) pre-training even when
+    a CPU one of the same setting is newer, and the CPU grid keeps its own; with none in its arithmetic the newest is
+    used and named."""
+    import os
+
+    gpu = tmp_path / "pretrain-gpu"
+    shutil.copytree(pretrained_run, gpu)
+    record = json.loads((gpu / "result.json").read_text())
+    (gpu / "result.json").write_text(json.dumps({**record, "device": "NVIDIA H200", "precision": "bf16"}))
+    os.utime(gpu / "result.json", (1_000, 1_000))  # older than the CPU run
+    assert record_numerics(gpu, json.loads((gpu / "result.json").read_text())) == "cuda bf16"
+    cfg = make_cfg("model=albef", "task=vqa", "init_from=pretrained", f"reuse_root={tmp_path}")
+    assert find_pretrained(tmp_path, cfg, "cuda") == gpu
+    assert find_pretrained(tmp_path, cfg, "cpu") == pretrained_run
+    assert find_pretrained(tmp_path, cfg) == pretrained_run  # device unknown: the newest, as before
+    assert capsys.readouterr().out == ""
+    shutil.rmtree(pretrained_run)
+    assert find_pretrained(tmp_path, cfg, "cpu") == gpu
+    assert f"no such pre-training run computed in cpu fp32; using {gpu} (cuda bf16)" in capsys.readouterr().out
+
+
 def test_a_resumed_fine_tune_keeps_its_pretraining_source(make_cfg, tmp_path, pretrained_run):
     """init_from=pretrained is resolved once, when the run starts: a requeued job continues from its checkpoint even
     if a newer matching pre-training run has finished meanwhile (its config would differ) or the source was moved."""

@@ -14,7 +14,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlbench.config_hash import config_differences, config_hash, is_setting_override, record_hashes, semantic_config
+from vlbench.config_hash import (
+    config_differences,
+    config_hash,
+    is_setting_override,
+    numerics_label,
+    record_hashes,
+    record_numerics,
+    semantic_config,
+)
 from vlbench.errors import VlbenchError
 
 PRETRAINED = "pretrained"  # the init_from keyword
@@ -60,11 +68,13 @@ def find_same_run(root: Path, cfg: DictConfig, device_type: str, also: Path | No
     return matches[-1] if matches else None
 
 
-def find_pretrained(root: Path, cfg: DictConfig) -> Path:
+def find_pretrained(root: Path, cfg: DictConfig, device_type: str | None = None) -> Path:
     """The newest finished pre-training run with this run's model config, scale, data and seed — among those, one
     launched with this run's setting overrides (e.g. ``budget=tiny_96k``) first, so that a newer smoke or ablation
-    pre-training (``trainer.max_steps=20``) of the same model never silently becomes the grid's starting point; a named
-    error (with the nearest candidate's differences) when there is none."""
+    pre-training (``trainer.max_steps=20``) of the same model never silently becomes the grid's starting point; then
+    one that computed in this run's arithmetic (``device_type``: where this run computes), so that a GPU grid beside a
+    laptop's starts from its own bf16 pre-training, not from a newer CPU one. A named error (with the nearest
+    candidate's differences) when there is none."""
     from vlbench.results import setting_overrides
 
     want_model = semantic_config(cfg)["model"]
@@ -79,24 +89,29 @@ def find_pretrained(root: Path, cfg: DictConfig) -> Path:
             continue
         model = semantic_config(OmegaConf.load(saved))["model"]  # speed-only keys (channels_last) do not count
         setting = sorted(o for o in record.get("setting_overrides") or [] if is_setting_override(o))
-        candidates.append((run_dir, config_differences(model, want_model, "model."), setting))
-    exact = [(run_dir, setting) for run_dir, diffs, setting in candidates if not diffs]
+        candidates.append((run_dir, config_differences(model, want_model, "model."), setting, record))
     own = setting_overrides()
-    same_setting = [run_dir for run_dir, setting in exact if setting == own]
-    if same_setting:
-        return same_setting[-1]
+    numerics = numerics_label(cfg.trainer.precision, device_type) if device_type else None
+    exact = [(run_dir, setting, record_numerics(run_dir, record)) for run_dir, diffs, setting, record in candidates
+             if not diffs]  # fmt: skip
     if exact:
-        run_dir, setting = exact[-1]
-        several = len({tuple(s) for _, s in exact}) > 1
-        if several and os.environ.get("RANK", "0") == "0":  # none of this run's setting: say which (once, not per rank)
+        # newest first, and max keeps the first of equals: the newest of the best-ranked
+        run_dir, setting, found = max(reversed(exact), key=lambda e: (e[1] == own, numerics in (None, e[2])))
+        said = os.environ.get("RANK", "0") == "0"  # named once, not by every process under torchrun
+        if setting != own and len({tuple(s) for _, s, _ in exact}) > 1 and said:
             print(
                 f"init_from=pretrained: no pre-training run with this run's overrides ({' '.join(own) or 'none'}); "
                 f"using the newest of {len(exact)}: {run_dir} ({' '.join(setting) or 'no overrides'})"
             )
+        if numerics is not None and found != numerics and said:
+            print(
+                f"init_from=pretrained: no such pre-training run computed in {numerics}; "
+                f"using {run_dir} ({found or 'not recorded'})"
+            )
         return run_dir
     where = f"model={cfg.model.name} scale={cfg.scale.name} data={cfg.data.name} seed={cfg.seed}"
     if candidates:
-        run_dir, diffs, _ = min(candidates, key=lambda c: len(c[1]))
+        run_dir, diffs, _, _ = min(candidates, key=lambda c: len(c[1]))
         raise VlbenchError(
             f"init_from=pretrained: no finished pre-training run of {where} with this model config under {root}; "
             f"nearest {run_dir} differs in {'; '.join(diffs[:5])}"
@@ -107,11 +122,11 @@ def find_pretrained(root: Path, cfg: DictConfig) -> Path:
     )
 
 
-def resolve_init_from(cfg: DictConfig) -> str | None:
+def resolve_init_from(cfg: DictConfig, device_type: str | None = None) -> str | None:
     """``cfg.init_from`` with the ``pretrained`` keyword replaced by the run directory it names. A pre-training run
     given the keyword starts from scratch — it *is* the pre-training — so one grid config serves both stages."""
     if cfg.init_from != PRETRAINED:
         return cfg.init_from
     if cfg.task.name == "pretrain":
         return None
-    return str(find_pretrained(Path(cfg.reuse_root), cfg))
+    return str(find_pretrained(Path(cfg.reuse_root), cfg, device_type))

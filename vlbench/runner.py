@@ -449,7 +449,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if resume_state is not None and cfg.init_from == PRETRAINED:  # continue from the source it started from, even
         cfg.init_from = record.saved_config().init_from  # if a newer pre-training finished or that one was deleted
     else:
-        cfg.init_from = resolve_init_from(cfg)  # `pretrained` → that run's directory, recorded in config.yaml
+        cfg.init_from = resolve_init_from(cfg, device.type)  # `pretrained` → that run's dir, recorded in config.yaml
     if cfg.init_from and tcfg.finetune_lr is not None:  # recorded as lr in config.yaml: the lr this run used
         if main:
             tqdm.write(
