@@ -1,11 +1,15 @@
 """Paper configurations compose with the paper's values; epoch budgets become steps; alpha ramps over an epoch."""
 
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from vlbench.config_hash import config_hash, setting_hash
 from vlbench.runner import run
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
 
 PAPER = {  # experiment: (task, head, image size, lr, epochs, effective batch)
     "albef_pretrain": ("pretrain", "shared", 256, 1e-4, 30, 512),
@@ -112,3 +116,17 @@ def test_suite_starts_fine_tuning_from_pretraining_and_skips_finished_runs():
     assert cfg.trainer.checkpoint_every == 250
     plain = _compose("+experiment=suite", "model=lxmert", "task=gqa", "seed=2", "trainer.checkpoint_every=0")
     assert config_hash(cfg) == config_hash(plain) and setting_hash(cfg) == setting_hash(plain)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")))
+def test_only_protocol_experiments_are_left_out_of_a_leaderboard_setting(experiment):
+    """`+experiment=suite` shares its leaderboard row with the same runs launched plainly (it changes how a grid runs,
+    and init_from, which has its own column); a paper configuration changes what a run computes, so it names a
+    setting of its own rather than pooling with the plain runs."""
+    from vlbench.config_hash import PROTOCOL_EXPERIMENTS, is_setting_override
+
+    with_it = _compose(f"+experiment={experiment}")
+    without = _compose(f"model={with_it.model.name}", f"task={with_it.task.name}", f"init_from={with_it.init_from}")
+    same = setting_hash(with_it) == setting_hash(without)
+    assert (experiment in PROTOCOL_EXPERIMENTS) == same
+    assert is_setting_override(f"+experiment={experiment}") == (not same)

@@ -157,6 +157,25 @@ def test_runs_in_other_arithmetic_are_other_rows_and_a_seed_counts_once(tmp_path
     assert "1 older record(s) of a seed already counted were left out" in capsys.readouterr().out
 
 
+def test_a_paper_experiment_is_its_own_row_and_a_row_of_mixed_configurations_is_named(tmp_path, capsys):
+    """`+experiment=albef_vqa` (a paper's lr, epochs, batch) never pools with the plain runs; `+experiment=suite` (how a
+    grid runs) does. Runs of one row whose configurations still differ (a default changed between them) are named."""
+    runs = tmp_path / "runs"
+    write_result(runs, "plain0", seed=0, metrics={"accuracy": 70.0})
+    write_result(runs, "suite1", seed=1, metrics={"accuracy": 72.0}, setting_overrides=["+experiment=suite"])
+    write_result(runs, "paper0", seed=0, metrics={"accuracy": 90.0}, setting_overrides=["+experiment=albef_vqa"],
+                 setting_hash="s2")  # fmt: skip
+    table = aggregate(read_runs(runs)).set_index("setting")
+    assert sorted(table.index) == ["", "+experiment=albef_vqa"]
+    assert table.loc["", "n_seeds"] == 2 and table.loc["+experiment=albef_vqa", "mean"] == 90.0
+    main(["--root", str(runs), "--no-plot"])
+    assert "different configurations" not in capsys.readouterr().out
+    write_result(runs, "plain2", seed=2, metrics={"accuracy": 71.0}, setting_hash="s3")  # another default
+    main(["--root", str(runs), "--no-plot"])
+    out = capsys.readouterr().out
+    assert "note: albef vqa (no overrides): its runs computed 2 different configurations (config_hash s1,s3)" in out
+
+
 def test_cli_writes_csv_markdown_png_and_filters(tmp_path, capsys):
     runs = tmp_path / "runs"
     for seed in range(2):

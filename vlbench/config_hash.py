@@ -39,14 +39,20 @@ NON_SEMANTIC_KEYS = (
 
 # Overrides that are their own leaderboard columns (model, task, ..., and numerics: device kind and precision) or do
 # not change results; the rest name a run's setting.
-_NON_SETTING_OVERRIDES = {"model", "task", "seed", "scale", "head", "data", "init_from", "experiment"}
+_NON_SETTING_OVERRIDES = {"model", "task", "seed", "scale", "head", "data", "init_from"}
 _NUMERICS_OVERRIDES = {"trainer.device", "trainer.precision"}
+# Experiments that set only how a grid runs (reuse, resume, init_from=pretrained: the init column), not what a run
+# computes (tests/test_experiments.py checks it); any other experiment (a paper's configuration) is part of a setting.
+PROTOCOL_EXPERIMENTS = {"suite"}
 
 
 def is_setting_override(override: str) -> bool:
     """Whether a command-line override (``key=value``) is part of a run's setting: ``trainer.device=cpu`` is not —
     the ``numerics`` column says where and in what precision a run computed, and ``auto`` on a CPU is the same."""
-    key = override.split("=", 1)[0].lstrip("+~")
+    key, _, value = override.partition("=")
+    key = key.lstrip("+~")
+    if key == "experiment":
+        return value not in PROTOCOL_EXPERIMENTS
     excluded = _NON_SETTING_OVERRIDES | _NUMERICS_OVERRIDES
     return not (key in excluded or key in NON_SEMANTIC_KEYS or key.startswith("logger"))
 

@@ -460,6 +460,13 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"note: {r.model} {r.task}: {r.duplicate_records} older record(s) of a seed already counted were left out"
         )
+    for r in table[table["config_hash"].str.contains(",", na=False)].itertuples(index=False):
+        n_configs = r.config_hash.count(",") + 1
+        print(
+            f"note: {r.model} {r.task} ({r.setting or 'no overrides'}): its runs computed {n_configs} "
+            f"different configurations (config_hash {r.config_hash}) — a default or a config file changed between "
+            "them; compare their config.yaml before trusting the row's spread"
+        )
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
