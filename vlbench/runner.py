@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from vlbench.answer_prior import answer_prior, clears_prior, has_answer_prior, prior_margin
 from vlbench.config_hash import (
     config_differences,
     config_hash,
@@ -372,6 +373,9 @@ def format_summary(result: dict) -> str:
     if result.get("val_metrics"):
         main = result["main_metric"]
         rows.append((f"val {main}", f"{result['val_metrics'][main]:.2f}"))
+    prior = result.get("answer_prior")
+    if prior:
+        rows.append(("answer prior", f"{prior['value']:.2f} (majority answer per question type)"))
     rows += [
         ("params", f"{result['params']:,}"),
         ("train samples", f"{result['train_samples']:,}"),
@@ -379,7 +383,16 @@ def format_summary(result: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
-    return "\n".join([line] + [f"{k.ljust(width)} | {v}" for k, v in rows] + [line])
+    table = "\n".join([line] + [f"{k.ljust(width)} | {v}" for k, v in rows] + [line])
+    value = result["metrics"].get(prior["metric"]) if prior else None
+    if value is not None and not clears_prior(value, prior):
+        table += (
+            f"\nwarning: {prior['split']} {prior['metric']} {value:.2f} does not clear the answer prior "
+            f"{prior['value']:.2f} by more than {prior_margin(prior):.2f} (two standard errors over "
+            f"{prior['examples']:,} examples): the model may have learned nothing beyond it — train longer, "
+            "check the learning rate, or start from a pre-training run (init_from=pretrained)"
+        )
+    return table
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -819,6 +832,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     logger.log({f"{test_split}/{k}": v for k, v in (test_result.metrics if test_result else {}).items()}, step)
     logger.close()
 
+    prior = {}
+    if tcfg.answer_prior and test_result is not None and has_answer_prior(task_cls) and cfg.model.name != "majority":
+        prior = answer_prior(task_cls, cfg, data_root, tokenizer, test_split, task.cfg.main_metric)
+
     steps_run = step - start_step
     samples_per_second = steps_run * tcfg.batch_size * tcfg.grad_accum_steps / max(train_seconds, 1e-9)
     wall = earlier_wall_s + time.time() - started
@@ -846,6 +863,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "metrics": test_result.metrics if test_result else {},
         "breakdown": test_result.breakdown if test_result else {},
         "val_metrics": val_result.metrics if val_result else {},
+        "answer_prior": prior or None,  # the per-question-type majority answer on the same split (or None)
         "predictions": predictions_path.name,
         "params": params,
         "trainable_params": trainable,

@@ -67,6 +67,9 @@ class TrainerConfig:
     eval_split: str = "val"
     test_split: str = "test"
     test_checkpoint: str = "best"  # best (by val main metric) | last
+    # VQA/GQA/NLVR2: also score the per-question-type majority answer on the test split, record it and warn when the
+    # model does not clear it (vlbench/answer_prior.py); results-neutral
+    answer_prior: bool = True
     progress: bool = True
 
 
