@@ -36,7 +36,7 @@ def test_nlvr2_prior_is_the_majority_class_rate(make_cfg):
     majority = Counter(task.dataset("train").targets).most_common(1)[0][0]
     test = task.dataset("test").targets
     expected = 100.0 * sum(label == majority for label in test) / len(test)
-    prior = answer_prior(task_cls, cfg, root, load_tokenizer(cfg.data.tokenizer, root), "test", "accuracy")
+    prior = answer_prior(task, "test", "accuracy")
     assert prior["value"] == pytest.approx(expected) and prior["examples"] == len(test)
 
 

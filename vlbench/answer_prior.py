@@ -3,43 +3,42 @@
 Why: a model that has learned nothing from the image still scores the answer prior (VQA's "yes" for every yes/no
 question, NLVR2's majority class), and a tiny or mis-configured run can sit there looking like a result. Every
 answer-classification run (VQA, GQA, NLVR2) computes that floor from its own data in the same run — the `majority`
-baseline's counts over one pass of the training split, scored by the task's own evaluator on the test split — records
+baseline's counts over the training split's answers, scored by the task's own evaluator on the test split — records
 it, and says so at the end when the model does not clear it by more than the test split's sampling error.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from collections.abc import Iterator
 
 import torch
-from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 PRIOR_HEADS = ("answer_classifier", "pair_classifier")  # the tasks that answer from a fixed set of classes
-COUNT_BATCH = 1024
+CHUNK = 4096  # examples counted or predicted at once (VQA v2's soft targets: 3,129 floats each)
 
 
-def has_answer_prior(task_cls: type) -> bool:
-    return getattr(task_cls, "head_kind", "") in PRIOR_HEADS
+def has_answer_prior(task) -> bool:
+    return getattr(task, "head_kind", "") in PRIOR_HEADS
 
 
 @torch.no_grad()
-def answer_prior(
-    task_cls: type, cfg: DictConfig, data_root: Path, tokenizer, split: str, main_metric: str
-) -> dict[str, float | int | str]:
-    """``{metric, value, split, examples}``: the main metric of the per-group majority answer on ``split``, its
-    answers counted over the training split (read again without images: a few seconds)."""
+def answer_prior(task, split: str, main_metric: str) -> dict[str, float | int | str]:
+    """``{metric, value, split, examples}``: the main metric of the per-group majority answer on ``split``, counted
+    over the task's training split. It reads only the datasets' answers and question groups — no image, no new
+    tokenisation — so it costs a fraction of a second; ``{}`` when the split has no public answers."""
     from vlbench.models.majority import GroupCountClassifier  # the models package imports every family: not at start
 
-    task = task_cls(cfg.task, cfg.data, data_root, tokenizer, "none")
+    train, scored_split = task.dataset("train"), task.dataset(split)
+    if getattr(train, "targets", None) is None:
+        return {}
     counter = GroupCountClassifier(task.num_groups, task.num_outputs)
     counter.train()
-    for batch in _batches(task.dataset("train")):
+    for batch in _answer_batches(train):
         counter(None, batch)
     counter.eval()
     predictions: list[dict] = []
-    for batch in _batches(task.dataset(split)):
+    for batch in _answer_batches(scored_split):
         predictions += task.predict(counter(None, batch), batch, split)
     scored = task.evaluate(split, predictions)
     if scored is None:
@@ -48,8 +47,14 @@ def answer_prior(
             "examples": len(predictions)}  # fmt: skip
 
 
-def _batches(dataset) -> DataLoader:
-    return DataLoader(dataset, batch_size=COUNT_BATCH, shuffle=False, collate_fn=dataset.collate)
+def _answer_batches(dataset) -> Iterator[dict[str, torch.Tensor]]:
+    """The dataset's examples as batches of index, group and (where given) answer keys, as its collate makes them."""
+    for start in range(0, len(dataset), CHUNK):
+        index = range(start, min(start + CHUNK, len(dataset)))
+        batch = {"index": torch.tensor(index), "group_ids": torch.tensor([dataset.group_ids[i] for i in index])}
+        if dataset.targets is not None and dataset.collate_targets is not None:
+            batch.update(dataset.collate_targets([dataset.targets[i] for i in index]))
+        yield batch
 
 
 def clears_prior(value: float, prior: dict) -> bool:

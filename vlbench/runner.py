@@ -833,8 +833,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     logger.close()
 
     prior = {}
-    if tcfg.answer_prior and test_result is not None and has_answer_prior(task_cls) and cfg.model.name != "majority":
-        prior = answer_prior(task_cls, cfg, data_root, tokenizer, test_split, task.cfg.main_metric)
+    if tcfg.answer_prior and test_result is not None and has_answer_prior(task) and cfg.model.name != "majority":
+        prior = answer_prior(task, test_split, task.cfg.main_metric)
 
     steps_run = step - start_step
     samples_per_second = steps_run * tcfg.batch_size * tcfg.grad_accum_steps / max(train_seconds, 1e-9)
