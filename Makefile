@@ -62,14 +62,22 @@ test-all: lint
 # All pre-training jobs finish before the fine-tuning sweep starts. Wall time is printed at the end.
 GRID_MODELS ?= albef,lxmert,pixelbert,unimo3
 GRID_SEEDS ?= 0,1,2
+# the fine-tuning tasks (pre-training always runs first: they start from it), and the blind baselines (run on
+# GRID_TASKS but retrieval; empty: none) — e.g. `GRID_TASKS=retrieval GRID_BASELINES=` for the long runs alone
+GRID_TASKS ?= vqa,gqa,nlvr2,retrieval
+GRID_BASELINES ?= textonly,majority
+comma := ,
+space := $(subst ,, )
+GRID_BASELINE_TASKS = $(subst $(space),$(comma),$(filter-out retrieval,$(subst $(comma),$(space),$(GRID_TASKS))))
 GRID_JOBS ?= 2
 GRID_THREADS ?= 1
 GRID = OMP_NUM_THREADS=$(GRID_THREADS) $(BIN)/vlbench -m +experiment=suite budget=tiny_96k trainer.progress=false \
 	hydra/launcher=joblib hydra.launcher.n_jobs=$(GRID_JOBS)
 # the grid's three sweeps (pre-training, fine-tuning, baselines), each with the extra overrides $(1)
 GRID_SWEEPS = $(GRID) $(1) model=$(GRID_MODELS) task=pretrain seed=$(GRID_SEEDS) || true; \
-	$(GRID) $(1) model=$(GRID_MODELS) task=vqa,gqa,nlvr2,retrieval seed=$(GRID_SEEDS) || true; \
-	$(GRID) $(1) init_from=null model=textonly,majority task=vqa,gqa,nlvr2 seed=$(GRID_SEEDS) || true
+	$(if $(GRID_TASKS),$(GRID) $(1) model=$(GRID_MODELS) task=$(GRID_TASKS) seed=$(GRID_SEEDS) || true;) \
+	$(if $(and $(GRID_BASELINES),$(GRID_BASELINE_TASKS)),$(GRID) $(1) init_from=null model=$(GRID_BASELINES) \
+		task=$(GRID_BASELINE_TASKS) seed=$(GRID_SEEDS) || true;) true
 leaderboard: $(STAMP)
 	@start=$$(date +%s); \
 	$(call GRID_SWEEPS,); \

@@ -401,6 +401,12 @@ def test_make_reproduce_runs_the_grid_apart_from_the_reference_and_checks_it(tmp
         for override in (f"results_dir={root}/runs", f"hydra.sweep.dir={root}/runs", f"reuse_root={root}"):
             assert override in command.split(), (override, command)
     assert reproduce[-1].endswith(f"vlbench-leaderboard --root {root}/runs --reproduce results/reference")
+    # a part of the grid: some fine-tuning tasks, no baselines (pre-training always first)
+    part = [c for c in commands("reproduce", "GRID_TASKS=retrieval,nlvr2", "GRID_BASELINES=") if "bin/vlbench -m" in c]
+    swept = [[w for w in c.split() if w.startswith(("task=", "seed="))] for c in part]
+    assert swept == [["task=pretrain", "seed=0"], ["task=retrieval,nlvr2", "seed=0"]]
+    baselines = [c for c in commands("reproduce", "GRID_TASKS=retrieval,nlvr2") if "init_from=null" in c]
+    assert len(baselines) == 1 and "task=nlvr2 " in baselines[0]  # retrieval has no blind baseline
     # REPRO_ARCHIVE: the records go to a folder kept in git, and that folder (all parts so far) is judged
     archived = commands("reproduce", f"REPRO_ARCHIVE={tmp_path / 'kept'}")
     assert archived[:-1] == reproduce[:-1]
