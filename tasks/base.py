@@ -203,6 +203,16 @@ class Task:
             return [p for part in parts for p in part] if parts is not None else []
         return predictions
 
+    def floor(self, split: str) -> dict[str, Any]:
+        """What a model that learned nothing scores on ``split`` — ``{name, metric, value, split, examples}``
+        (vlbench/floor.py) — for the run to be judged against; here the answer prior of the tasks that answer from a
+        fixed set of classes (VQA, GQA, NLVR2); ``{}`` where none is defined (pre-training)."""
+        if self.head_kind not in ("answer_classifier", "pair_classifier"):
+            return {}
+        from vlbench.floor import answer_prior
+
+        return answer_prior(self, split, self.cfg.main_metric)
+
     def build_shared_head(self, hidden_size: int) -> nn.Module:
         raise NotImplementedError
 

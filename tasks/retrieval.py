@@ -31,7 +31,7 @@ from vlbench.models.layers import MLPClassifier
 from vlbench.registry import TASKS
 from vlbench.tasks.base import EvalContext, EvalResult, Task, pad_sequences, to_device, write_json_predictions
 from vlbench.tasks.datasets import VISUAL_KEYS, ExampleDataset, ImageRef, VisualReader, build_visual_reader
-from vlbench.tasks.retrieval_eval import itm_rerank, retrieval_recalls
+from vlbench.tasks.retrieval_eval import chance_recalls, itm_rerank, retrieval_recalls
 
 
 @dataclass
@@ -376,6 +376,13 @@ class RetrievalTask(CaptionCorpusTask):
         i2t, t2i, txt2img, _ = self._scores[split]
         metrics = retrieval_recalls(i2t, txt2img, sims_t2i=t2i)
         return EvalResult(main_metric="mean_recall", metrics=metrics)
+
+    def floor(self, split: str) -> dict:
+        """Chance: the expected recalls of a random ranking of this split (its images and their caption counts)."""
+        images = self.images(split)
+        value = chance_recalls([len(image.captions) for image in images])["mean_recall"]
+        return {"name": "chance: a random ranking", "metric": "mean_recall", "value": value, "split": split,
+                "examples": len(images)}  # fmt: skip
 
     def write_predictions(self, predictions: list[dict], path_stem: Path) -> Path:
         """Top-10 rankings: per image its caption indices (in split order), per caption its image ids."""

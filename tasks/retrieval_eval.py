@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,6 +96,21 @@ def retrieval_recalls(
     ir_ranks = text_to_image_ranks(sims_t2i, txt2img, chunk_size)
     recalls = {f"tr_r{k}": 100.0 * float(np.mean(tr_ranks < k)) for k in recall_at}
     recalls |= {f"ir_r{k}": 100.0 * float(np.mean(ir_ranks < k)) for k in recall_at}
+    total = sum(recalls.values())
+    return recalls | {"mean_recall": total / len(recalls), "rsum": total}
+
+
+def chance_recalls(captions_per_image: Sequence[int], recall_at: Sequence[int] = RECALL_AT) -> dict[str, float]:
+    """The expected recalls of a random ranking (what a model that learned nothing scores), in percent: text→image
+    Recall@K = K / n_images; image→text, for an image with c of the n texts, one minus the chance that none of its
+    captions is among K random texts, 1 − Π_{j<K} (n − c − j) / (n − j); averaged over images."""
+    n_images, n_texts = len(captions_per_image), int(sum(captions_per_image))
+
+    def image_hit(c: int, k: int) -> float:
+        return 1.0 - math.prod((n_texts - c - j) / (n_texts - j) for j in range(min(k, n_texts)))
+
+    recalls = {f"tr_r{k}": 100.0 * float(np.mean([image_hit(c, k) for c in captions_per_image])) for k in recall_at}
+    recalls |= {f"ir_r{k}": 100.0 * min(k, n_images) / n_images for k in recall_at}
     total = sum(recalls.values())
     return recalls | {"mean_recall": total / len(recalls), "rsum": total}
 

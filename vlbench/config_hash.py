@@ -33,7 +33,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.log_every",  # how often losses are logged: logging reads them, changes none
     "trainer.num_workers",  # loader processes: the same batches in the same order (tests/test_runner.py)
     "data.cache_dir",  # where the synthetic world and region features are cached: the same files wherever they lie
-    "trainer.answer_prior",  # scores a baseline beside the run: changes none of the run's numbers
+    "trainer.floor",  # scores a baseline beside the run: changes none of the run's numbers
     "logger",
 )
 

@@ -39,7 +39,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from vlbench.answer_prior import answer_prior, clears_prior, has_answer_prior, prior_margin
 from vlbench.config_hash import (
     config_differences,
     config_hash,
@@ -60,6 +59,7 @@ from vlbench.distributed import (
     unused_parameters,
 )
 from vlbench.errors import VlbenchError
+from vlbench.floor import clears_floor, floor_margin
 from vlbench.init_from import describe_report, load_init_weights, load_matching_head, resolve_init_source
 from vlbench.loggers import NullLogger, build_logger, drop_entries_after
 from vlbench.models.base import ModelContext, VisionLanguageModel
@@ -373,9 +373,9 @@ def format_summary(result: dict) -> str:
     if result.get("val_metrics"):
         main = result["main_metric"]
         rows.append((f"val {main}", f"{result['val_metrics'][main]:.2f}"))
-    prior = result.get("answer_prior")
-    if prior:
-        rows.append(("answer prior", f"{prior['value']:.2f} (majority answer per question type)"))
+    floor = result.get("floor")
+    if floor:
+        rows.append(("floor", f"{floor['value']:.2f} ({floor['name']})"))
     rows += [
         ("params", f"{result['params']:,}"),
         ("train samples", f"{result['train_samples']:,}"),
@@ -384,13 +384,13 @@ def format_summary(result: dict) -> str:
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
     table = "\n".join([line] + [f"{k.ljust(width)} | {v}" for k, v in rows] + [line])
-    value = result["metrics"].get(prior["metric"]) if prior else None
-    if value is not None and not clears_prior(value, prior):
+    value = result["metrics"].get(floor["metric"]) if floor else None
+    if value is not None and not clears_floor(value, floor):
         table += (
-            f"\nwarning: {prior['split']} {prior['metric']} {value:.2f} does not clear the answer prior "
-            f"{prior['value']:.2f} by more than {prior_margin(prior):.2f} (two standard errors over "
-            f"{prior['examples']:,} examples): the model may have learned nothing beyond it — train longer, "
-            "check the learning rate, or start from a pre-training run (init_from=pretrained)"
+            f"\nwarning: {floor['split']} {floor['metric']} {value:.2f} does not clear the floor {floor['value']:.2f} "
+            f"({floor['name'].split(':')[0]}) by more than {floor_margin(floor):.2f} (two standard errors over "
+            f"{floor['examples']:,} examples): the model may have learned nothing beyond it — train longer, check the "
+            "learning rate, or start from a pre-training run (init_from=pretrained)"
         )
     return table
 
@@ -832,9 +832,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     logger.log({f"{test_split}/{k}": v for k, v in (test_result.metrics if test_result else {}).items()}, step)
     logger.close()
 
-    prior = {}
-    if tcfg.answer_prior and test_result is not None and has_answer_prior(task) and cfg.model.name != "majority":
-        prior = answer_prior(task, test_split, task.cfg.main_metric)
+    floor = {}
+    if tcfg.floor and test_result is not None and cfg.model.name != "majority":  # the majority model is the floor
+        floor = task.floor(test_split)
 
     steps_run = step - start_step
     samples_per_second = steps_run * tcfg.batch_size * tcfg.grad_accum_steps / max(train_seconds, 1e-9)
@@ -863,7 +863,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "metrics": test_result.metrics if test_result else {},
         "breakdown": test_result.breakdown if test_result else {},
         "val_metrics": val_result.metrics if val_result else {},
-        "answer_prior": prior or None,  # the per-question-type majority answer on the same split (or None)
+        "floor": floor or None,  # what a model that learned nothing scores on the same split (answer prior, chance)
         "predictions": predictions_path.name,
         "params": params,
         "trainable_params": trainable,

@@ -67,9 +67,9 @@ class TrainerConfig:
     eval_split: str = "val"
     test_split: str = "test"
     test_checkpoint: str = "best"  # best (by val main metric) | last
-    # VQA/GQA/NLVR2: also score the per-question-type majority answer on the test split, record it and warn when the
-    # model does not clear it (vlbench/answer_prior.py); results-neutral
-    answer_prior: bool = True
+    # also score what a model that learned nothing scores on the test split (VQA/GQA/NLVR2: the answer prior;
+    # retrieval: chance), record it and warn when the run does not clear it (vlbench/floor.py); results-neutral
+    floor: bool = True
     progress: bool = True
 
 

@@ -1,10 +1,11 @@
-"""The answer prior of a run's test split: what predicting each question type's most frequent training answer scores.
+"""A run's floor: what a model that learned nothing scores on its test split, and whether the run clears it.
 
 Why: a model that has learned nothing from the image still scores the answer prior (VQA's "yes" for every yes/no
-question, NLVR2's majority class), and a tiny or mis-configured run can sit there looking like a result. Every
-answer-classification run (VQA, GQA, NLVR2) computes that floor from its own data in the same run — the `majority`
-baseline's counts over the training split's answers, scored by the task's own evaluator on the test split — records
-it, and says so at the end when the model does not clear it by more than the test split's sampling error.
+question, NLVR2's majority class) or, in retrieval, chance; a tiny or mis-configured run can sit there looking like a
+result. Every run computes its task's floor from its own data (``Task.floor``): for VQA, GQA and NLVR2 the answer
+prior — the `majority` baseline's counts over the training split's answers, scored by the task's own evaluator on the
+test split; for retrieval the expected recalls of a random ranking — records it, and says so at the end when the
+model does not clear it by more than the test split's sampling error.
 """
 
 from __future__ import annotations
@@ -14,18 +15,13 @@ from collections.abc import Iterator
 
 import torch
 
-PRIOR_HEADS = ("answer_classifier", "pair_classifier")  # the tasks that answer from a fixed set of classes
 CHUNK = 4096  # examples counted or predicted at once (VQA v2's soft targets: 3,129 floats each)
-
-
-def has_answer_prior(task) -> bool:
-    return getattr(task, "head_kind", "") in PRIOR_HEADS
 
 
 @torch.no_grad()
 def answer_prior(task, split: str, main_metric: str) -> dict[str, float | int | str]:
-    """``{metric, value, split, examples}``: the main metric of the per-group majority answer on ``split``, counted
-    over the task's training split. It reads only the datasets' answers and question groups — no image, no new
+    """``{name, metric, value, split, examples}``: the main metric of the per-group majority answer on ``split``,
+    counted over the task's training split. It reads only the datasets' answers and question groups — no image, no new
     tokenisation — so it costs a fraction of a second; ``{}`` when the split has no public answers."""
     from vlbench.models.majority import GroupCountClassifier  # the models package imports every family: not at start
 
@@ -43,8 +39,8 @@ def answer_prior(task, split: str, main_metric: str) -> dict[str, float | int | 
     scored = task.evaluate(split, predictions)
     if scored is None:
         return {}
-    return {"metric": main_metric, "value": float(scored.metrics[main_metric]), "split": split,
-            "examples": len(predictions)}  # fmt: skip
+    return {"name": "answer prior: each question type's most frequent training answer", "metric": main_metric,
+            "value": float(scored.metrics[main_metric]), "split": split, "examples": len(predictions)}  # fmt: skip
 
 
 def _answer_batches(dataset) -> Iterator[dict[str, torch.Tensor]]:
@@ -57,13 +53,14 @@ def _answer_batches(dataset) -> Iterator[dict[str, torch.Tensor]]:
         yield batch
 
 
-def clears_prior(value: float, prior: dict) -> bool:
-    """Whether a percentage ``value`` lies above the prior by more than two standard errors of an accuracy on that
-    many test examples (sqrt(p(1-p)/n) at the prior's rate): below that, the difference may be sampling noise."""
-    return value > prior["value"] + prior_margin(prior)
+def clears_floor(value: float, floor: dict) -> bool:
+    """Whether a percentage ``value`` lies above the floor by more than two standard errors of a rate measured on the
+    floor's ``examples`` (sqrt(p(1-p)/n) at the floor's rate; retrieval counts its images, the fewer queries): below
+    that, the difference may be sampling noise."""
+    return value > floor["value"] + floor_margin(floor)
 
 
-def prior_margin(prior: dict) -> float:
-    """The margin ``clears_prior`` asks for, in the metric's points (for the message)."""
-    p, n = prior["value"] / 100.0, max(int(prior["examples"]), 1)
+def floor_margin(floor: dict) -> float:
+    """The margin ``clears_floor`` asks for, in the metric's points (for the message)."""
+    p, n = floor["value"] / 100.0, max(int(floor["examples"]), 1)
     return 200.0 * math.sqrt(max(p * (1.0 - p), 1e-4) / n)
