@@ -451,6 +451,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         eval_split, test_split = tcfg.eval_split, tcfg.test_split
         task.dataset(eval_split)
         task.dataset(test_split)  # read every split before training: bad input fails now, not after an hour
+    # what a model that learned nothing scores on the test split (data only: no RNG drawn), for the record and the
+    # end-of-run warning; computed now so that a problem with it shows before training, not after
+    floor = task.floor(test_split) if main and tcfg.floor and cfg.model.name != "majority" else {}
     micro_batches_per_epoch = len(train_set) // tcfg.batch_size
     if micro_batches_per_epoch == 0:
         raise VlbenchError(
@@ -831,10 +834,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             record.write_example_scores(split, split_result.per_example)
     logger.log({f"{test_split}/{k}": v for k, v in (test_result.metrics if test_result else {}).items()}, step)
     logger.close()
-
-    floor = {}
-    if tcfg.floor and test_result is not None and cfg.model.name != "majority":  # the majority model is the floor
-        floor = task.floor(test_split)
 
     steps_run = step - start_step
     samples_per_second = steps_run * tcfg.batch_size * tcfg.grad_accum_steps / max(train_seconds, 1e-9)
