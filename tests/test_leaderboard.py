@@ -176,6 +176,26 @@ def test_a_paper_experiment_is_its_own_row_and_a_row_of_mixed_configurations_is_
     assert "note: albef vqa (no overrides): its runs computed 2 different configurations (config_hash s1,s3)" in out
 
 
+def test_rows_carry_their_floor_and_say_when_they_do_not_clear_it(tmp_path, capsys):
+    """A row at the answer prior is named; a row well above it is not; records without a floor leave it empty."""
+    runs = tmp_path / "runs"
+    prior = {"name": "answer prior", "metric": "accuracy", "value": 51.21, "split": "test", "examples": 3000}
+    for seed, (at, above) in enumerate(((52.0, 72.0), (52.5, 73.0))):
+        write_result(runs, f"pb{seed}", seed=seed, model="pixelbert", metrics={"accuracy": at}, floor=prior)
+        write_result(runs, f"albef{seed}", seed=seed, metrics={"accuracy": above}, floor=prior)
+    write_result(runs, "old0", model="lxmert", metrics={"accuracy": 90.0})  # written before runs kept their floor
+    table = aggregate(read_runs(runs)).set_index("model")
+    assert table.loc["pixelbert", "floor"] == 51.21 and table.loc["pixelbert", "above_floor"] is False  # 52.25 < 53.04
+    assert table.loc["albef", "above_floor"] is True
+    assert np.isnan(table.loc["lxmert", "floor"]) and pd.isna(table.loc["lxmert", "above_floor"])
+    main(["--root", str(runs), "--no-plot"])
+    out = capsys.readouterr().out
+    assert "note: pixelbert vqa (no overrides): mean 52.25 does not clear the floor 51.21" in out
+    assert "note: albef" not in out and "note: lxmert" not in out
+    written = pd.read_csv(runs / "leaderboard.csv").set_index("model")
+    assert list(written.loc[["albef", "pixelbert"], "above_floor"]) == [True, False]
+
+
 def test_cli_writes_csv_markdown_png_and_filters(tmp_path, capsys):
     runs = tmp_path / "runs"
     for seed in range(2):

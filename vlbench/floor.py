@@ -13,29 +13,29 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import torch
-
 CHUNK = 4096  # examples counted or predicted at once (VQA v2's soft targets: 3,129 floats each)
 
 
-@torch.no_grad()
 def answer_prior(task, split: str, main_metric: str) -> dict[str, float | int | str]:
     """``{name, metric, value, split, examples}``: the main metric of the per-group majority answer on ``split``,
     counted over the task's training split. It reads only the datasets' answers and question groups — no image, no new
     tokenisation — so it costs a fraction of a second; ``{}`` when the split has no public answers."""
+    import torch  # here, not at the top: the leaderboard imports this module and must not load torch
+
     from vlbench.models.majority import GroupCountClassifier  # the models package imports every family: not at start
 
     train, scored_split = task.dataset("train"), task.dataset(split)
     if getattr(train, "targets", None) is None:
         return {}
     counter = GroupCountClassifier(task.num_groups, task.num_outputs)
-    counter.train()
-    for batch in _answer_batches(train):
-        counter(None, batch)
-    counter.eval()
     predictions: list[dict] = []
-    for batch in _answer_batches(scored_split):
-        predictions += task.predict(counter(None, batch), batch, split)
+    with torch.no_grad():
+        counter.train()
+        for batch in _answer_batches(train):
+            counter(None, batch)
+        counter.eval()
+        for batch in _answer_batches(scored_split):
+            predictions += task.predict(counter(None, batch), batch, split)
     scored = task.evaluate(split, predictions)
     if scored is None:
         return {}
@@ -43,8 +43,10 @@ def answer_prior(task, split: str, main_metric: str) -> dict[str, float | int | 
             "value": float(scored.metrics[main_metric]), "split": split, "examples": len(predictions)}  # fmt: skip
 
 
-def _answer_batches(dataset) -> Iterator[dict[str, torch.Tensor]]:
+def _answer_batches(dataset) -> Iterator[dict]:
     """The dataset's examples as batches of index, group and (where given) answer keys, as its collate makes them."""
+    import torch
+
     for start in range(0, len(dataset), CHUNK):
         index = range(start, min(start + CHUNK, len(dataset)))
         batch = {"index": torch.tensor(index), "group_ids": torch.tensor([dataset.group_ids[i] for i in index])}

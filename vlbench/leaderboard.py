@@ -27,6 +27,7 @@ import pandas as pd
 
 from vlbench.config_hash import is_setting_override, record_identity
 from vlbench.errors import VlbenchError
+from vlbench.floor import clears_floor
 
 # "init": from scratch or fine-tuned from another run's weights (init_from), which the setting's overrides leave out;
 # "numerics": device kind and resolved precision (trainer.precision=auto is bf16 on a GPU, fp32 on a CPU)
@@ -119,6 +120,8 @@ def run_row(path: Path, record: dict, status: str) -> dict:
             "device": record.get("device"),
             "git_sha": record.get("git_sha"),
             "config_hash": config_hash,
+            "floor": (record.get("floor") or {}).get("value"),  # what a model that learned nothing scores
+            "floor_examples": (record.get("floor") or {}).get("examples"),
             "recorded_at": path.stat().st_mtime,  # which of two records of one seed is the newer
         }
     )
@@ -217,6 +220,7 @@ def aggregate(runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
                 "seeds": ",".join(str(int(s)) for s in sorted(done.loc[done["value"].notna(), "seed"].dropna())),
                 "failed": len(failed),
                 "duplicate_records": duplicates,
+                **_floor_columns(values, done),
                 "last_error": failed["error"].dropna().iloc[-1] if failed["error"].notna().any() else "",
             }
         )
@@ -237,6 +241,16 @@ def aggregate(runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
         )
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _floor_columns(values: np.ndarray, done: pd.DataFrame) -> dict:
+    """``floor`` (the seeds' recorded floor, one value for one data split) and ``above_floor`` (does the mean clear it
+    by two standard errors, vlbench/floor.py); empty for records written before runs kept their floor."""
+    recorded = done["floor"].dropna() if "floor" in done.columns else pd.Series(dtype=float)
+    if recorded.empty or not values.size:
+        return {"floor": float("nan"), "above_floor": pd.NA}
+    floor = {"value": float(recorded.astype(float).mean()), "examples": int(done["floor_examples"].dropna().min())}
+    return {"floor": floor["value"], "above_floor": clears_floor(float(values.mean()), floor)}
 
 
 def init_label(kind: str) -> str:
@@ -459,6 +473,11 @@ def main(argv: list[str] | None = None) -> None:
     for r in table[table["duplicate_records"] > 0].itertuples(index=False):
         print(
             f"note: {r.model} {r.task}: {r.duplicate_records} older record(s) of a seed already counted were left out"
+        )
+    for r in table[table["above_floor"].eq(False).fillna(False).astype(bool)].itertuples(index=False):
+        print(
+            f"note: {r.model} {r.task} ({r.setting or 'no overrides'}): mean {r.mean:.2f} does not clear the floor "
+            f"{r.floor:.2f} (what a model that learned nothing scores: answer prior or chance)"
         )
     for r in table[table["config_hash"].str.contains(",", na=False)].itertuples(index=False):
         n_configs = r.config_hash.count(",") + 1
