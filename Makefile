@@ -88,7 +88,8 @@ leaderboard: $(STAMP)
 # Reproduce the reference leaderboard (or a part: GRID_MODELS, GRID_SEEDS) from scratch and check it: the same grid,
 # run under REPRO_ROOT (git-ignored, outside results/ so that neither grid reuses the other's runs, and killed runs
 # continue when re-launched), then every re-run judged against the records in results/reference — inside the
-# reference seeds' 95 % prediction interval or not (`vlbench-leaderboard --reproduce`; exit status 1 if one is not).
+# reference seeds' 95 % prediction interval or not — and every row's re-run mean against the reference row's mean
+# (`vlbench-leaderboard --reproduce`; exit status 1 if one is not).
 # REPRO_ARCHIVE=<dir> (e.g. results/reproduce/<date>): also copy the re-runs' records (no weights) there, to be kept in
 # git, and judge that folder: a grid re-run in parts on machines that do not keep outputs/ from one session to the
 # next still adds up to a checkable whole (`vlbench-leaderboard --root results/reproduce --reproduce results/reference`).

@@ -379,6 +379,44 @@ def test_reproduction_judges_each_rerun_against_the_reference_prediction_interva
     assert not board.exists()  # a check writes no table
 
 
+def test_reproduction_judges_each_rows_mean_so_a_shift_of_every_seed_is_caught(tmp_path, capsys):
+    """Three re-runs each 7–9 above the reference mean (std 2) are each inside their ± 9.94 interval, but their mean
+    (+8) is outside the interval for a mean of three: ± t(0.975, 2) · 2 · √(1/3 + 1/3) = ± 7.03."""
+    reference, reruns = tmp_path / "reference", tmp_path / "reruns"
+    for seed, accuracy in enumerate((80.0, 82.0, 84.0)):
+        write_result(reference, f"vqa{seed}", seed=seed, metrics={"accuracy": accuracy})
+        write_result(reference, f"gqa{seed}", seed=seed, task="gqa", metrics={"accuracy": accuracy})
+        write_result(reference, f"base{seed}", seed=seed, model="textonly", metrics={"accuracy": 50.0})
+    for seed, accuracy in enumerate((89.0, 90.0, 91.0)):
+        write_result(reruns, f"vqa{seed}", seed=seed, metrics={"accuracy": accuracy})
+    write_result(reruns, "vqa0-again", seed=0, metrics={"accuracy": 89.0})  # a seed re-run twice counts once in a row
+    write_result(reruns, "gqa1", seed=1, task="gqa", metrics={"accuracy": 88.0})  # one seed: the per-run interval
+    write_result(reruns, "base0", seed=0, model="textonly", metrics={"accuracy": 50.0})
+    write_result(reruns, "nlvr0", task="nlvr2", metrics={"accuracy": 47.0})  # no reference row
+    from vlbench.reproduction import compare_rows, compare_with_reference, prediction_half_width
+
+    runs = compare_with_reference(read_runs(reruns), read_runs(reference))
+    assert runs["within"].dropna().all()  # every re-run alone is inside
+    rows = compare_rows(read_runs(reruns), read_runs(reference)).set_index(["model", "task"])
+    vqa, gqa = rows.loc[("albef", "vqa")], rows.loc[("albef", "gqa")]
+    assert vqa["rerun_n"] == 3 and vqa["rerun_mean"] == 90.0 and vqa["difference"] == 8.0
+    assert vqa["half_width"] == pytest.approx(4.302653 * 2 * (2 / 3) ** 0.5, abs=1e-5) and not vqa["within"]
+    assert gqa["half_width"] == pytest.approx(prediction_half_width(2.0, 3)) and gqa["within"]  # 6 < 9.94
+    assert rows.loc[("textonly", "vqa"), "within"] and rows.loc[("textonly", "vqa"), "half_width"] == 0.0
+    assert pd.isna(rows.loc[("albef", "nlvr2"), "within"])
+    with pytest.raises(VlbenchError, match="at least one new draw"):
+        prediction_half_width(2.0, 3, new=0)
+
+    with pytest.raises(SystemExit) as stopped:  # the CLI: every run inside, one row's mean outside → exit 1
+        main(["--root", str(reruns), "--reproduce", str(reference)])
+    out = capsys.readouterr().out
+    assert stopped.value.code == 1 and "reproduction: 6 of 6 re-runs inside" in out
+    assert "rows: 2 of 3 rows' re-run means inside the 95 % prediction interval for a mean of that many seeds" in out
+    assert "outside: albef vqa (90.00 over 3 vs 82.00 ± 2.00)" in out
+    row = "| albef | vqa | tiny head=shared | accuracy | 90.00 (3) | 82.00 ± 2.00 (3) | +8.00 | ± 7.03 | **no** |"
+    assert row in out
+
+
 def test_reproduction_parts_archived_on_different_machines_are_judged_together(tmp_path, capsys):
     """`make reproduce REPRO_ARCHIVE=...`: each session's re-runs (its machine keeps no outputs/) are copied into a
     folder kept in git and judged there, so the parts add up (a seed re-run in two sessions is two re-runs)."""

@@ -387,13 +387,15 @@ def _filtered(runs: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
 
 
 def _report_reproduction(args: argparse.Namespace) -> int:
-    from vlbench.reproduction import compare_with_reference, outside, report_markdown
+    from vlbench.reproduction import compare_rows, compare_with_reference, outside, report_markdown, rows_markdown
 
-    table = compare_with_reference(
-        _filtered(read_runs(Path(args.root)), args), read_runs(Path(args.reproduce)), args.level
-    )
+    reruns, reference = _filtered(read_runs(Path(args.root)), args), read_runs(Path(args.reproduce))
+    table = compare_with_reference(reruns, reference, args.level)
+    rows = compare_rows(reruns, reference, args.level)
     print(report_markdown(table, args.level))
-    return 1 if not outside(table).empty else 0
+    print("The leaderboard's rows: the re-runs' mean over their seeds against the reference row\n")
+    print(rows_markdown(rows, args.level))
+    return 1 if not (outside(table).empty and outside(rows).empty) else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -431,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
         "--reproduce",
         metavar="REFERENCE",
         help="judge each finished or failed run under --root against the reference records under REFERENCE (their "
-        "seed spread); writes nothing, exits 1 when a run falls outside or failed",
+        "seed spread), and each row's re-run mean against the reference row; writes nothing, exits 1 when a run or a "
+        "row's mean falls outside or a run failed",
     )
     parser.add_argument(
         "--level", type=float, default=0.95, help="--reproduce: level of the prediction interval (default 0.95)"

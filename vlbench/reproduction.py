@@ -10,6 +10,11 @@ value inside the reference seeds' 95 % *prediction interval* for one more seed,
 sample std is itself uncertain (it understates the spread about half the time), and a new run is a new draw, not
 the mean — the Student-t prediction interval accounts for both (for n = 3 it is ± 4.97 std). Where the reference
 seeds agree exactly (blind baselines) the re-run must equal them. A re-run that failed reproduced nothing.
+
+The leaderboard reports each row's *mean*, so the re-runs' mean over their seeds is judged too (``compare_rows``):
+inside ``mean ± t(0.975, n − 1) · std · sqrt(1/m + 1/n)`` for m re-run seeds? A change that moves every seed by
++3 std leaves each re-run inside its own interval (± 4.97 std) but not the mean of three (± 3.51 std): a shift of
+the whole row is what a code or machine difference looks like, and the per-run check alone would miss it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from vlbench.leaderboard import init_label, one_record_per_seed
 # the columns of a re-run that is not judged against a spread (no reference row, one reference seed, or failed)
 UNJUDGED = {"reference_mean": math.nan, "reference_std": math.nan, "reference_n": 0, "same_seed_reference": math.nan,
             "z": math.nan, "half_width": math.nan, "within": math.nan}  # fmt: skip
+
+# compare_rows' columns (also when every re-run failed and there is no row to judge)
+ROW_COLUMNS = [*ROW_KEYS, "main_metric", "rerun_mean", "rerun_n", "reference_mean", "reference_std", "reference_n",
+               "difference", "z", "half_width", "within"]  # fmt: skip
 
 EXACT = 1e-6  # reference seeds that agree to this are a point, not a spread
 
@@ -57,23 +66,41 @@ def student_t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
-def prediction_half_width(std: float, n: int, level: float = 0.95) -> float:
-    """Half-width of the Student-t prediction interval for one new draw, from n reference draws of sample std."""
-    return student_t_quantile(0.5 + level / 2, n - 1) * std * math.sqrt(1 + 1 / n)
+def prediction_half_width(std: float, n: int, level: float = 0.95, new: int = 1) -> float:
+    """Half-width of the Student-t prediction interval for the mean of ``new`` new draws (one run: ``new=1``), from
+    n reference draws of sample std."""
+    if new < 1:
+        raise VlbenchError(f"prediction interval: expected at least one new draw, got {new}")
+    return student_t_quantile(0.5 + level / 2, n - 1) * std * math.sqrt(1 / new + 1 / n)
+
+
+def _reference_rows(reference: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
+    """The reference's finished records by leaderboard row, one record per seed (as the leaderboard counts them)."""
+    ref = reference[reference["status"] == "finished"].copy()
+    for key in ROW_KEYS:
+        ref[key] = ref[key].fillna("").astype(str)
+    return {key: one_record_per_seed(group)[0] for key, group in ref.groupby(ROW_KEYS, sort=False)}
+
+
+def _judge(difference: float, values: np.ndarray, level: float, new: int = 1) -> dict:
+    """z (in reference std), the interval's half-width and the verdict for a difference from the reference mean;
+    reference seeds that agree exactly are a point the re-run must hit; one reference seed gives no verdict (NaN)."""
+    if values.size < 2:
+        return {"z": math.nan, "half_width": math.nan, "within": math.nan}
+    std = float(values.std(ddof=1))
+    if std <= EXACT:
+        z = 0.0 if abs(difference) <= EXACT else math.copysign(math.inf, difference)
+        return {"z": z, "half_width": 0.0, "within": bool(abs(difference) <= EXACT)}
+    half_width = prediction_half_width(std, values.size, level, new)
+    return {"z": difference / std, "half_width": half_width, "within": bool(abs(difference) <= half_width)}
 
 
 def compare_with_reference(reruns: pd.DataFrame, reference: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     """One row per re-run: its value, the reference row's mean/std/n, the same seed's reference value, z-score, the
     prediction interval's half-width and ``within`` (the verdict). A failed re-run is judged not reproduced (its
     error in ``error``); re-runs with no reference row, or one reference seed (no spread), get ``within = NaN``."""
-    if not 0 < level < 1:
-        raise VlbenchError(f"--level {level}: expected a probability between 0 and 1")
-    if reruns.empty or not reruns["status"].isin(["finished", "failed"]).any():
-        raise VlbenchError("no finished or failed run to compare with the reference")
-    ref = reference[reference["status"] == "finished"].copy()
-    for key in ROW_KEYS:
-        ref[key] = ref[key].fillna("").astype(str)
-    groups = {key: one_record_per_seed(group)[0] for key, group in ref.groupby(ROW_KEYS, sort=False)}
+    _check_inputs(reruns, level)
+    groups = _reference_rows(reference)
     rows = []
     for run in reruns.itertuples(index=False):
         key = tuple("" if pd.isna(getattr(run, k)) else str(getattr(run, k)) for k in ROW_KEYS)
@@ -86,30 +113,70 @@ def compare_with_reference(reruns: pd.DataFrame, reference: pd.DataFrame, level:
             rows.append({**row, **UNJUDGED, "within": False if run.status == "failed" else math.nan})
             continue
         values = group["value"].dropna().astype(float).to_numpy()
-        mean = float(values.mean())
-        std = float(values.std(ddof=1)) if values.size > 1 else math.nan
         same_seed = group.loc[group["seed"] == run.seed, "value"].dropna()
         row.update(
-            reference_mean=mean,
-            reference_std=std,
+            reference_mean=float(values.mean()),
+            reference_std=float(values.std(ddof=1)) if values.size > 1 else math.nan,
             reference_n=int(values.size),
             same_seed_reference=float(same_seed.iloc[0]) if not same_seed.empty else math.nan,
         )
-        difference = value - mean
-        if values.size > 1 and std <= EXACT:  # the reference seeds agree: the re-run must equal them
-            row.update(z=0.0 if abs(difference) <= EXACT else math.copysign(math.inf, difference), half_width=0.0)
-            row["within"] = bool(abs(difference) <= EXACT)
-        elif values.size > 1:
-            row.update(z=difference / std, half_width=prediction_half_width(std, values.size, level))
-            row["within"] = bool(abs(difference) <= row["half_width"])
-        else:  # one reference seed: no spread to judge against
-            row.update(z=math.nan, half_width=math.nan, within=math.nan)
+        row.update(_judge(value - row["reference_mean"], values, level))
         rows.append(row)
     return pd.DataFrame(rows).sort_values(["model", "task", "setting", "seed"], kind="stable", ignore_index=True)
 
 
+def _check_inputs(reruns: pd.DataFrame, level: float) -> None:
+    if not 0 < level < 1:
+        raise VlbenchError(f"--level {level}: expected a probability between 0 and 1")
+    if reruns.empty or not reruns["status"].isin(["finished", "failed"]).any():
+        raise VlbenchError("no finished or failed run to compare with the reference")
+
+
+def compare_rows(reruns: pd.DataFrame, reference: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """One row per leaderboard row with finished re-runs: the re-runs' mean over their seeds (one record per seed,
+    as the leaderboard counts), their number, the reference row's mean/std/n, the difference of the means, and the
+    verdict — inside the prediction interval for the mean of that many new draws? Failed re-runs are judged per run
+    (``compare_with_reference``), not here; a row without a reference spread gets ``within = NaN``."""
+    _check_inputs(reruns, level)
+    groups = _reference_rows(reference)
+    done = reruns[reruns["status"] == "finished"].copy()
+    for key in ROW_KEYS:
+        done[key] = done[key].fillna("").astype(str)
+    rows = []
+    for key, group in done.groupby(ROW_KEYS, sort=True):
+        kept = one_record_per_seed(group)[0]
+        values = kept["value"].dropna().astype(float).to_numpy()
+        if not values.size:
+            continue
+        row = dict(zip(ROW_KEYS, key, strict=True))
+        row.update(main_metric=str(kept["main_metric"].iloc[0]), rerun_mean=float(values.mean()),
+                   rerun_n=int(values.size))  # fmt: skip
+        reference_values = groups[key]["value"].dropna().astype(float).to_numpy() if key in groups else np.array([])
+        if not reference_values.size:
+            rows.append({**row, **UNJUDGED, "difference": math.nan})
+            continue
+        mean = float(reference_values.mean())
+        row.update(
+            reference_mean=mean,
+            reference_std=float(reference_values.std(ddof=1)) if reference_values.size > 1 else math.nan,
+            reference_n=int(reference_values.size),
+            difference=row["rerun_mean"] - mean,
+        )
+        row.update(_judge(row["difference"], reference_values, level, new=int(values.size)))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
 def _number(x: float, digits: int = 2) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _setting(r: tuple) -> str:
+    return " ".join(x for x in (r.scale, f"head={r.head}", r.numerics, r.setting, init_label(r.init)) if x)
+
+
+def _verdict(within: object) -> str:
+    return "—" if isinstance(within, float) and math.isnan(within) else ("yes" if within else "**no**")
 
 
 def report_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
@@ -120,13 +187,11 @@ def report_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in table.itertuples(index=False):
-        setting = " ".join(x for x in (r.scale, f"head={r.head}", r.numerics, r.setting, init_label(r.init)) if x)
         spread = f"{_number(r.reference_mean)} ± {_number(r.reference_std)} ({r.reference_n})"
         z = "—" if math.isnan(r.z) else (f"{r.z:+.2f}" if math.isfinite(r.z) else f"{r.z:+}")
-        verdict = "—" if isinstance(r.within, float) and math.isnan(r.within) else ("yes" if r.within else "**no**")
-        verdict += " (failed)" if isinstance(r.error, str) else ""
+        verdict = _verdict(r.within) + (" (failed)" if isinstance(r.error, str) else "")
         lines.append(
-            f"| {r.model} | {r.task} | {setting} | {r.seed} | {r.main_metric} | {_number(r.value)} "
+            f"| {r.model} | {r.task} | {_setting(r)} | {r.seed} | {r.main_metric} | {_number(r.value)} "
             f"| {_number(r.same_seed_reference)} | {spread} | {z} | ± {_number(r.half_width)} | {verdict} |"
         )
     # across re-launches of an interrupted grid the command's own wall time covers one launch; the runs' sum all
@@ -136,7 +201,7 @@ def report_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
 
 
 def outside(table: pd.DataFrame) -> pd.DataFrame:
-    """The judged re-runs that fall outside the reference spread."""
+    """The judged re-runs (or rows) that fall outside the reference spread."""
     judged = table[table["within"].notna()]
     return judged[~judged["within"].astype(bool)]
 
@@ -159,3 +224,32 @@ def verdict_line(table: pd.DataFrame, level: float = 0.95) -> str:
             for r in out.itertuples(index=False)
         )
     return line
+
+
+def rows_markdown(rows: pd.DataFrame, level: float = 0.95) -> str:
+    """``compare_rows`` as a Markdown table and a one-line verdict: the leaderboard's means, re-run against
+    reference."""
+    header = (
+        "| model | task | setting | metric | re-run mean (n) | ref. mean ± std (n) | difference | interval | within |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows.itertuples(index=False):
+        spread = f"{_number(r.reference_mean)} ± {_number(r.reference_std)} ({r.reference_n})"
+        difference = "—" if math.isnan(r.difference) else f"{r.difference:+.2f}"
+        lines.append(
+            f"| {r.model} | {r.task} | {_setting(r)} | {r.main_metric} | {_number(r.rerun_mean)} ({r.rerun_n}) "
+            f"| {spread} | {difference} | ± {_number(r.half_width)} | {_verdict(r.within)} |"
+        )
+    judged = rows[rows["within"].notna()]
+    out = outside(rows)
+    line = (
+        f"rows: {len(judged) - len(out)} of {len(judged)} rows' re-run means inside the {100 * level:g} % prediction "
+        f"interval for a mean of that many seeds ({len(rows) - len(judged)} without a reference spread)"
+    )
+    if not out.empty:
+        line += "; outside: " + ", ".join(
+            f"{r.model} {r.task} ({r.rerun_mean:.2f} over {r.rerun_n} vs {r.reference_mean:.2f} ± "
+            f"{r.reference_std:.2f})"
+            for r in out.itertuples(index=False)
+        )
+    return "\n".join(lines) + "\n\n" + line + "\n"
