@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import vlbench.models  # noqa: F401
@@ -272,6 +273,19 @@ def test_a_stem_width_timm_ignored_leaves_the_config_hash(make_cfg):
     assert config_hash(
         make_cfg("model=pixelbert", "+model.cnn_kwargs.stem_type=deep", "+model.cnn_kwargs.stem_width=16")
     ) != config_hash(deep)
+
+
+def test_a_key_added_later_at_its_former_value_leaves_the_config_hash(make_cfg):
+    # Pixel-BERT's init_std did not exist before: its records (no such key) computed with BERT's 0.02
+    from vlbench.config_hash import config_hash
+
+    now = make_cfg("model=pixelbert")
+    assert now.model.init_std == 0.02
+    before = OmegaConf.create(OmegaConf.to_container(now))  # a record's saved config.yaml, written before the key
+    del before.model["init_std"]
+    assert config_hash(before) == config_hash(now)
+    assert config_hash(make_cfg("model=pixelbert", "model.init_std=0.088")) != config_hash(now)
+    assert config_hash(make_cfg("model=albef")) != config_hash(now)  # models without the key are untouched
 
 
 def test_activation_checkpointing_from_the_config_changes_no_number(make_cfg, tmp_path, monkeypatch):

@@ -38,6 +38,14 @@ NON_SEMANTIC_KEYS = (
 )
 
 
+# Keys added to a model's config after records were written, with the value every earlier run computed with: at that
+# value a key is left out of the hash, so the records written before it keep matching new runs (reuse, init_from,
+# the leaderboard's rows); any other value is a new configuration.
+KEYS_ADDED_LATER = {
+    "model.init_std": 0.02,  # Pixel-BERT: its transformer's init std, BERT's 0.02 before the key existed
+}
+
+
 # Overrides that are their own leaderboard columns (model, task, ..., and numerics: device kind and precision) or do
 # not change results; the rest name a run's setting.
 _NON_SETTING_OVERRIDES = {"model", "task", "seed", "scale", "head", "data", "init_from"}
@@ -90,6 +98,7 @@ def semantic_config(cfg: DictConfig, device_type: str | None = None) -> dict:
             node = node.get(p, {})
         node.pop(leaf, None)
     _drop_unbuilt_stem_width(container.get("model"))
+    _drop_keys_at_their_former_value(container)
     trainer = container.get("trainer")
     if device_type is not None and isinstance(trainer, dict):
         trainer["device"] = device_type
@@ -104,6 +113,17 @@ def _drop_unbuilt_stem_width(model: dict | None) -> None:
     kwargs = (model or {}).get("cnn_kwargs")
     if isinstance(kwargs, dict) and "stem_width" in kwargs and "deep" not in str(kwargs.get("stem_type", "")):
         kwargs.pop("stem_width")
+
+
+def _drop_keys_at_their_former_value(container: dict) -> None:
+    """``KEYS_ADDED_LATER`` at the value runs computed with before the key existed: out of the hash."""
+    for dotted, former in KEYS_ADDED_LATER.items():
+        *parents, leaf = dotted.split(".")
+        node = container
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == former:
+            node.pop(leaf)
 
 
 def config_hash(cfg: DictConfig, device_type: str | None = None) -> str:

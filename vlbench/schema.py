@@ -268,6 +268,7 @@ class PixelBertModelConfig(ModelConfig):
     # single-stream transformer over [text ; pixels]
     text: TextSizes = field(default_factory=TextSizes)
     num_layers: int = 12
+    init_std: float = 0.02  # normal init std of the transformer's weights (BERT's initializer_range: 768 wide)
     # pre-training
     mlm_probability: float = 0.15
     matching_probability: float = 0.5  # a caption is paired with another caption's image with this probability

@@ -260,6 +260,19 @@ def test_bad_configuration_fails_clearly():
         tiny_pixelbert(pixel_sample=0)
     with pytest.raises(VlbenchError, match="model.cnn=no_such_net"):
         tiny_pixelbert(cnn="no_such_net")
+    with pytest.raises(VlbenchError, match="model.init_std=0.0: expected a positive"):
+        tiny_pixelbert(init_std=0.0)
+
+
+def test_init_std_sets_the_transformers_initial_scale_and_leaves_the_cnns():
+    default, wide = tiny_pixelbert(), tiny_pixelbert(init_std=0.2)
+    for name in ("encoder.layer.0.attention.query.weight", "pooler.weight", "embeddings.word_embeddings.weight",
+                 "pixel_embeddings.proj.weight", "itm_head.weight"):  # fmt: skip
+        assert dict(default.named_parameters())[name].std().item() == pytest.approx(0.02, rel=0.2), name
+        assert dict(wide.named_parameters())[name].std().item() == pytest.approx(0.2, rel=0.2), name
+    assert wide.pixel_embeddings.visual_type.std().item() == pytest.approx(0.2, rel=0.3)
+    cnn_default, cnn_wide = default.pixel_embeddings.cnn.state_dict(), wide.pixel_embeddings.cnn.state_dict()
+    assert all(torch.equal(cnn_default[k], cnn_wide[k]) for k in cnn_default)  # timm's own init, same seed
 
 
 def test_a_stem_width_timm_would_ignore_is_an_error():
