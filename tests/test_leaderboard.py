@@ -417,6 +417,38 @@ def test_reproduction_judges_each_rows_mean_so_a_shift_of_every_seed_is_caught(t
     assert row in out
 
 
+def test_a_rerun_of_another_configuration_is_named_not_judged(tmp_path, capsys):
+    """A preset changed since the reference ran keeps the row's name (model, task, setting overrides) but computes
+    something else: such a re-run is listed as another configuration, neither inside nor outside."""
+    reference, reruns = tmp_path / "reference", tmp_path / "reruns"
+    for seed, accuracy in enumerate((80.0, 82.0, 84.0)):
+        write_result(reference, f"vqa{seed}", seed=seed, metrics={"accuracy": accuracy})
+        write_result(reference, f"gqa{seed}", seed=seed, task="gqa", metrics={"accuracy": accuracy})
+    write_result(reruns, "vqa0", seed=0, metrics={"accuracy": 30.0}, setting_hash="s2")  # far off, but not the same
+    write_result(reruns, "gqa0", seed=0, task="gqa", metrics={"accuracy": 30.0}, setting_hash="s2")
+    write_result(reruns, "gqa1", seed=1, task="gqa", metrics={"accuracy": 83.0})  # the reference's configuration
+    from vlbench.reproduction import compare_rows, compare_with_reference
+
+    runs = compare_with_reference(read_runs(reruns), read_runs(reference)).set_index(["task", "seed"])
+    assert pd.isna(runs.loc[("vqa", 0), "within"]) and pd.isna(runs.loc[("gqa", 0), "within"])
+    assert runs.loc[("vqa", 0), "note"] == "another configuration (setting s2, reference s1)"
+    assert runs.loc[("gqa", 1), "within"] and pd.isna(runs.loc[("gqa", 1), "note"])
+    rows = compare_rows(read_runs(reruns), read_runs(reference)).set_index("task")
+    assert pd.isna(rows.loc["vqa", "within"]) and "another configuration" in rows.loc["vqa", "note"]
+    assert rows.loc["gqa", "rerun_n"] == 1 and rows.loc["gqa", "rerun_mean"] == 83.0  # the s2 re-run is left out
+    assert rows.loc["gqa", "within"]
+    with pytest.raises(SystemExit) as stopped:
+        main(["--root", str(reruns), "--reproduce", str(reference)])
+    out = capsys.readouterr().out
+    assert stopped.value.code == 0
+    assert (
+        "1 of 1 re-runs inside the reference seeds' 95 % prediction interval (0 without a reference spread, 2 of "
+        "another configuration)" in out
+    )
+    assert "| — (another configuration (setting s2, reference s1)) |" in out
+    assert "rows: 1 of 1 rows' re-run means inside" in out and "1 of another configuration)" in out
+
+
 def test_reproduction_parts_archived_on_different_machines_are_judged_together(tmp_path, capsys):
     """`make reproduce REPRO_ARCHIVE=...`: each session's re-runs (its machine keeps no outputs/) are copied into a
     folder kept in git and judged there, so the parts add up (a seed re-run in two sessions is two re-runs)."""

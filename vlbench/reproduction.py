@@ -15,6 +15,11 @@ The leaderboard reports each row's *mean*, so the re-runs' mean over their seeds
 inside ``mean ± t(0.975, n − 1) · std · sqrt(1/m + 1/n)`` for m re-run seeds? A change that moves every seed by
 +3 std leaves each re-run inside its own interval (± 4.97 std) but not the mean of three (± 3.51 std): a shift of
 the whole row is what a code or machine difference looks like, and the per-run check alone would miss it.
+
+Only a re-run of the reference's own configuration is judged: a row is named by model, task, scale, setting
+overrides..., and a preset changed since the reference ran keeps that name while computing something else. A re-run
+whose setting hash (its resolved config minus seed and results-neutral keys) is not the reference row's is listed
+as "another configuration", not judged.
 """
 
 from __future__ import annotations
@@ -30,11 +35,11 @@ from vlbench.leaderboard import init_label, one_record_per_seed
 
 # the columns of a re-run that is not judged against a spread (no reference row, one reference seed, or failed)
 UNJUDGED = {"reference_mean": math.nan, "reference_std": math.nan, "reference_n": 0, "same_seed_reference": math.nan,
-            "z": math.nan, "half_width": math.nan, "within": math.nan}  # fmt: skip
+            "z": math.nan, "half_width": math.nan, "within": math.nan, "note": None}  # fmt: skip
 
 # compare_rows' columns (also when every re-run failed and there is no row to judge)
 ROW_COLUMNS = [*ROW_KEYS, "main_metric", "rerun_mean", "rerun_n", "reference_mean", "reference_std", "reference_n",
-               "difference", "z", "half_width", "within"]  # fmt: skip
+               "difference", "z", "half_width", "within", "note"]  # fmt: skip
 
 EXACT = 1e-6  # reference seeds that agree to this are a point, not a spread
 
@@ -82,6 +87,14 @@ def _reference_rows(reference: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
     return {key: one_record_per_seed(group)[0] for key, group in ref.groupby(ROW_KEYS, sort=False)}
 
 
+def _other_configuration(setting_hash: object, reference: pd.DataFrame) -> str | None:
+    """None when a re-run computed the reference row's configuration (or either side recorded no hash), else why not."""
+    hashes = sorted({str(h) for h in reference["setting_hash"].dropna()}) if "setting_hash" in reference else []
+    if not hashes or setting_hash is None or pd.isna(setting_hash) or str(setting_hash) in hashes:
+        return None
+    return f"another configuration (setting {setting_hash}, reference {','.join(hashes)})"
+
+
 def _judge(difference: float, values: np.ndarray, level: float, new: int = 1) -> dict:
     """z (in reference std), the interval's half-width and the verdict for a difference from the reference mean;
     reference seeds that agree exactly are a point the re-run must hit; one reference seed gives no verdict (NaN)."""
@@ -112,6 +125,10 @@ def compare_with_reference(reruns: pd.DataFrame, reference: pd.DataFrame, level:
         if run.status == "failed" or group is None or group["value"].dropna().empty:
             rows.append({**row, **UNJUDGED, "within": False if run.status == "failed" else math.nan})
             continue
+        other = _other_configuration(getattr(run, "setting_hash", None), group)
+        if other:
+            rows.append({**row, **UNJUDGED, "note": other})
+            continue
         values = group["value"].dropna().astype(float).to_numpy()
         same_seed = group.loc[group["seed"] == run.seed, "value"].dropna()
         row.update(
@@ -120,7 +137,7 @@ def compare_with_reference(reruns: pd.DataFrame, reference: pd.DataFrame, level:
             reference_n=int(values.size),
             same_seed_reference=float(same_seed.iloc[0]) if not same_seed.empty else math.nan,
         )
-        row.update(_judge(value - row["reference_mean"], values, level))
+        row.update(_judge(value - row["reference_mean"], values, level), note=None)
         rows.append(row)
     return pd.DataFrame(rows).sort_values(["model", "task", "setting", "seed"], kind="stable", ignore_index=True)
 
@@ -136,25 +153,34 @@ def compare_rows(reruns: pd.DataFrame, reference: pd.DataFrame, level: float = 0
     """One row per leaderboard row with finished re-runs: the re-runs' mean over their seeds (one record per seed,
     as the leaderboard counts), their number, the reference row's mean/std/n, the difference of the means, and the
     verdict — inside the prediction interval for the mean of that many new draws? Failed re-runs are judged per run
-    (``compare_with_reference``), not here; a row without a reference spread gets ``within = NaN``."""
+    (``compare_with_reference``), not here; re-runs of another configuration than the reference row's are left out
+    (a row with only those gets a ``note``); a row without a reference spread gets ``within = NaN``."""
     _check_inputs(reruns, level)
     groups = _reference_rows(reference)
     done = reruns[reruns["status"] == "finished"].copy()
     for key in ROW_KEYS:
         done[key] = done[key].fillna("").astype(str)
+    if "setting_hash" not in done:
+        done["setting_hash"] = None
     rows = []
     for key, group in done.groupby(ROW_KEYS, sort=True):
-        kept = one_record_per_seed(group)[0]
+        reference_group = groups.get(key)
+        notes = group["setting_hash"].map(
+            lambda h, ref=reference_group: None if ref is None else _other_configuration(h, ref)
+        )
+        same = group[notes.isna()]
+        kept = one_record_per_seed(same if not same.empty else group)[0]
         values = kept["value"].dropna().astype(float).to_numpy()
         if not values.size:
             continue
         row = dict(zip(ROW_KEYS, key, strict=True))
         row.update(main_metric=str(kept["main_metric"].iloc[0]), rerun_mean=float(values.mean()),
                    rerun_n=int(values.size))  # fmt: skip
-        reference_values = groups[key]["value"].dropna().astype(float).to_numpy() if key in groups else np.array([])
-        if not reference_values.size:
-            rows.append({**row, **UNJUDGED, "difference": math.nan})
+        reference_values = np.array([]) if reference_group is None else reference_group["value"].dropna().to_numpy()
+        if same.empty or not reference_values.size:  # only another configuration, or no reference to judge against
+            rows.append({**row, **UNJUDGED, "difference": math.nan, "note": notes.iloc[0] if same.empty else None})
             continue
+        reference_values = reference_values.astype(float)
         mean = float(reference_values.mean())
         row.update(
             reference_mean=mean,
@@ -162,7 +188,7 @@ def compare_rows(reruns: pd.DataFrame, reference: pd.DataFrame, level: float = 0
             reference_n=int(reference_values.size),
             difference=row["rerun_mean"] - mean,
         )
-        row.update(_judge(row["difference"], reference_values, level, new=int(values.size)))
+        row.update(_judge(row["difference"], reference_values, level, new=int(values.size)), note=None)
         rows.append(row)
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
@@ -173,6 +199,18 @@ def _number(x: float, digits: int = 2) -> str:
 
 def _setting(r: tuple) -> str:
     return " ".join(x for x in (r.scale, f"head={r.head}", r.numerics, r.setting, init_label(r.init)) if x)
+
+
+def _noted(note: object) -> str:
+    return f" ({note})" if isinstance(note, str) else ""
+
+
+def _unjudged(table: pd.DataFrame) -> str:
+    """How many were not judged, and why: no reference spread, or another configuration than the reference's."""
+    unjudged = table[table["within"].isna()]
+    other = int(unjudged["note"].map(lambda n: isinstance(n, str)).sum())
+    also = f", {other} of another configuration" if other else ""
+    return f"{len(unjudged) - other} without a reference spread{also}"
 
 
 def _verdict(within: object) -> str:
@@ -189,7 +227,7 @@ def report_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     for r in table.itertuples(index=False):
         spread = f"{_number(r.reference_mean)} ± {_number(r.reference_std)} ({r.reference_n})"
         z = "—" if math.isnan(r.z) else (f"{r.z:+.2f}" if math.isfinite(r.z) else f"{r.z:+}")
-        verdict = _verdict(r.within) + (" (failed)" if isinstance(r.error, str) else "")
+        verdict = _verdict(r.within) + (" (failed)" if isinstance(r.error, str) else "") + _noted(r.note)
         lines.append(
             f"| {r.model} | {r.task} | {_setting(r)} | {r.seed} | {r.main_metric} | {_number(r.value)} "
             f"| {_number(r.same_seed_reference)} | {spread} | {z} | ± {_number(r.half_width)} | {verdict} |"
@@ -211,7 +249,7 @@ def verdict_line(table: pd.DataFrame, level: float = 0.95) -> str:
     out = outside(table)
     line = (
         f"reproduction: {len(judged) - len(out)} of {len(judged)} re-runs inside the reference seeds' "
-        f"{100 * level:g} % prediction interval ({len(table) - len(judged)} without a reference spread)"
+        f"{100 * level:g} % prediction interval ({_unjudged(table)})"
     )
     if not out.empty:
         line += "; outside: " + ", ".join(
@@ -238,13 +276,13 @@ def rows_markdown(rows: pd.DataFrame, level: float = 0.95) -> str:
         difference = "—" if math.isnan(r.difference) else f"{r.difference:+.2f}"
         lines.append(
             f"| {r.model} | {r.task} | {_setting(r)} | {r.main_metric} | {_number(r.rerun_mean)} ({r.rerun_n}) "
-            f"| {spread} | {difference} | ± {_number(r.half_width)} | {_verdict(r.within)} |"
+            f"| {spread} | {difference} | ± {_number(r.half_width)} | {_verdict(r.within)}{_noted(r.note)} |"
         )
     judged = rows[rows["within"].notna()]
     out = outside(rows)
     line = (
         f"rows: {len(judged) - len(out)} of {len(judged)} rows' re-run means inside the {100 * level:g} % prediction "
-        f"interval for a mean of that many seeds ({len(rows) - len(judged)} without a reference spread)"
+        f"interval for a mean of that many seeds ({_unjudged(rows)})"
     )
     if not out.empty:
         line += "; outside: " + ", ".join(
