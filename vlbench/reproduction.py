@@ -245,22 +245,27 @@ def outside(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def verdict_line(table: pd.DataFrame, level: float = 0.95) -> str:
-    judged = table[table["within"].notna()]
-    out = outside(table)
-    line = (
-        f"reproduction: {len(judged) - len(out)} of {len(judged)} re-runs inside the reference seeds' "
-        f"{100 * level:g} % prediction interval ({_unjudged(table)})"
-    )
-    if not out.empty:
-        line += "; outside: " + ", ".join(
+    return _summary(
+        table,
+        f"reproduction: {{}} re-runs inside the reference seeds' {100 * level:g} % prediction interval",
+        lambda r: (
             f"{r.model} {r.task} seed {r.seed} "
             + (
                 f"(failed: {r.error})"
                 if isinstance(r.error, str)
                 else f"({r.value:.2f} vs {r.reference_mean:.2f} ± {r.reference_std:.2f})"
             )
-            for r in out.itertuples(index=False)
-        )
+        ),
+    )
+
+
+def _summary(table: pd.DataFrame, template: str, describe) -> str:
+    """``template`` with "k of n" filled in, what was not judged, and each judged entry outside (``describe``)."""
+    judged = table[table["within"].notna()]
+    out = outside(table)
+    line = template.format(f"{len(judged) - len(out)} of {len(judged)}") + f" ({_unjudged(table)})"
+    if not out.empty:
+        line += "; outside: " + ", ".join(describe(r) for r in out.itertuples(index=False))
     return line
 
 
@@ -278,16 +283,12 @@ def rows_markdown(rows: pd.DataFrame, level: float = 0.95) -> str:
             f"| {r.model} | {r.task} | {_setting(r)} | {r.main_metric} | {_number(r.rerun_mean)} ({r.rerun_n}) "
             f"| {spread} | {difference} | ± {_number(r.half_width)} | {_verdict(r.within)}{_noted(r.note)} |"
         )
-    judged = rows[rows["within"].notna()]
-    out = outside(rows)
-    line = (
-        f"rows: {len(judged) - len(out)} of {len(judged)} rows' re-run means inside the {100 * level:g} % prediction "
-        f"interval for a mean of that many seeds ({_unjudged(rows)})"
-    )
-    if not out.empty:
-        line += "; outside: " + ", ".join(
+    line = _summary(
+        rows,
+        f"rows: {{}} rows' re-run means inside the {100 * level:g} % prediction interval for a mean of that many seeds",
+        lambda r: (
             f"{r.model} {r.task} ({r.rerun_mean:.2f} over {r.rerun_n} vs {r.reference_mean:.2f} ± "
             f"{r.reference_std:.2f})"
-            for r in out.itertuples(index=False)
-        )
+        ),
+    )
     return "\n".join(lines) + "\n\n" + line + "\n"
