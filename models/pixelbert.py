@@ -154,8 +154,6 @@ class PixelEmbeddings(nn.Module):
 
     def __init__(self, cfg: DictConfig, sizes: TextSizes, image_size: int):
         super().__init__()
-        if cfg.init_std <= 0:
-            raise VlbenchError(f"model.init_std={cfg.init_std}: expected a positive standard deviation")
         hidden = sizes.hidden_size
         self.cnn = build_cnn(cfg)
         self.channels_last = cfg.channels_last
@@ -210,6 +208,8 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
             raise VlbenchError(f"model.pixel_sample={cfg.pixel_sample}: expected a positive count, or null for none")
         if cfg.retrieval_negatives < 1:
             raise VlbenchError(f"model.retrieval_negatives={cfg.retrieval_negatives}: expected at least 1")
+        if cfg.init_std <= 0:
+            raise VlbenchError(f"model.init_std={cfg.init_std}: expected a positive standard deviation")
         self.cfg = cfg
         self.ctx = ctx
         sizes = TextSizes(**cfg.text)
