@@ -279,13 +279,18 @@ def test_a_key_added_later_at_its_former_value_leaves_the_config_hash(make_cfg):
     # Pixel-BERT's init_std did not exist before: its records (no such key) computed with BERT's 0.02
     from vlbench.config_hash import config_hash
 
-    now = make_cfg("model=pixelbert")
+    now = make_cfg("model=pixelbert", "scale=base")
     assert now.model.init_std == 0.02
     before = OmegaConf.create(OmegaConf.to_container(now))  # a record's saved config.yaml, written before the key
     del before.model["init_std"]
     assert config_hash(before) == config_hash(now)
-    assert config_hash(make_cfg("model=pixelbert", "model.init_std=0.088")) != config_hash(now)
-    assert config_hash(make_cfg("model=albef")) != config_hash(now)  # models without the key are untouched
+    assert config_hash(make_cfg("model=pixelbert", "scale=base", "model.init_std=0.088")) != config_hash(now)
+    assert config_hash(make_cfg("model=albef", "scale=base")) != config_hash(now)  # models without the key untouched
+    tiny = make_cfg("model=pixelbert")  # the tiny preset's own value: a record without the key is not one of its runs
+    assert tiny.model.init_std == 0.088
+    tiny_before = OmegaConf.create(OmegaConf.to_container(tiny))
+    del tiny_before.model["init_std"]
+    assert config_hash(tiny_before) != config_hash(tiny)
 
 
 def test_activation_checkpointing_from_the_config_changes_no_number(make_cfg, tmp_path, monkeypatch):
