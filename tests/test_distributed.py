@@ -376,8 +376,7 @@ def test_pixelbert_in_two_processes_equals_one(make_cfg, tmp_path, parallel):
     wider initialisation amplifies float rounding itself — one process with 1 thread vs 2 differs by 1.6e-5 in step
     1's gradient norm and 5e-4 in step 2's (0.02: bitwise equal) — which would hide a data-parallel error that small."""
     setting = ("model=pixelbert", "model.init_std=0.02", "task=vqa", "task.head_dropout=0", "trainer.batch_size=8")
-    setting = (*setting, *parallel.split())
-    setting = (*setting, *SMALL_FORMATS)
+    setting = (*setting, *parallel.split(), *SMALL_FORMATS)
     for steps in (1, 3):
         cfg = make_cfg(*setting, f"trainer.max_steps={steps}")
         one = run(cfg, tmp_path / f"one{steps}")
