@@ -177,6 +177,7 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from vlbench.bench_profile import profile_step
+    from vlbench.host_memory import keep_freed_memory
     from vlbench.models.layers import attention_implementation
     from vlbench.runner import (
         EpochShuffleSampler,
@@ -191,6 +192,7 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
     use_threads(args.threads)
     cfg = compose_config(model_name, scale, args.task, [f"trainer.device={args.device}", *args.overrides])
     device = pick_device(cfg.trainer.device)
+    kept_freed_memory = cfg.trainer.keep_freed_memory and keep_freed_memory()  # as a run does (vlbench/host_memory.py)
     seed_everything(cfg.seed)
     task, train_set, net = build_for_bench(cfg, device)
     tcfg = cfg.trainer
@@ -307,6 +309,7 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
         "compile_speedup": train_seconds / compiled_seconds if compiled_seconds else None,
         "compile_s": compile_seconds,
         "peak_memory_mb": peak_memory_mb(device),
+        "keep_freed_memory": kept_freed_memory,
         "profile": profile,
     }
 

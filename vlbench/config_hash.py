@@ -30,6 +30,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.compile",  # speed only: the same numbers up to float rounding (compiled or not, channels-last or not)
     "model.channels_last",
     "trainer.optimizer_impl",  # AdamW's kernel (fused, foreach, loop): the same update up to float rounding
+    "trainer.keep_freed_memory",  # how malloc keeps freed memory: the same numbers, bit for bit
     "trainer.log_every",  # how often losses are logged: logging reads them, changes none
     "trainer.num_workers",  # loader processes: the same batches in the same order (tests/test_runner.py)
     "data.cache_dir",  # where the synthetic world and region features are cached: the same files wherever they lie

@@ -60,6 +60,7 @@ from vlbench.distributed import (
 )
 from vlbench.errors import VlbenchError
 from vlbench.floor import clears_floor, floor_margin
+from vlbench.host_memory import keep_freed_memory
 from vlbench.init_from import describe_report, load_init_weights, load_matching_head, resolve_init_source
 from vlbench.loggers import NullLogger, build_logger, drop_entries_after
 from vlbench.models.base import ModelContext, VisionLanguageModel
@@ -434,6 +435,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 f"step {resume_state['step']} (killed between the two renames): cannot continue exactly"
             )
 
+    if tcfg.keep_freed_memory:
+        keep_freed_memory()
     seed_everything(cfg.seed)
     device = pick_device(tcfg.device, procs.local_rank)
     model_cls = MODELS.get(cfg.model.name)

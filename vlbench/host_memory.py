@@ -1,0 +1,53 @@
+"""Keep freed CPU memory in the process instead of handing it back to the kernel after every training step.
+
+Why: PyTorch's CPU tensors come from ``malloc``. glibc serves blocks above its mmap threshold with fresh ``mmap``
+pages and trims the top of its heap once more than a few MiB lie free there, so a training step's activations,
+freed at the end of the step, go back to the kernel and the next step faults every one of their pages in again
+(zeroed by the kernel). Measured on Pixel-BERT tiny's VQA step (batch 64, 2 threads, AMD EPYC): ~14,000 page faults
+a step, 10 % of the run's CPU time in the kernel; with the settings below 97-109 ms a step instead of 121-130 ms
+(1.2×), the same numbers (the allocator does not change what is computed). The price: the process keeps its peak
+heap resident (Pixel-BERT tiny: 1.21 vs 1.09 GB peak RSS).
+
+``mallopt`` settings (glibc only; elsewhere nothing changes and ``keep_freed_memory`` says so):
+- ``M_MMAP_THRESHOLD`` at glibc's maximum, 32 MiB: blocks up to that size come from the heap and are reused;
+  larger ones (base-scale activations) are still mapped and unmapped each time;
+- ``M_TRIM_THRESHOLD`` at 2 GiB - 1 (``mallopt`` takes an int): the heap's free top is given back only beyond that.
+Forked processes (the data loader's workers) inherit the settings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_TRIM_THRESHOLD = -1  # glibc's malloc.h
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc on 64-bit: HEAP_MAX_SIZE / 2; larger values are refused
+TRIM_THRESHOLD = 2**31 - 1
+
+_applied: bool | None = None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  (musl has mallopt as a no-op, and no gnu_get_libc_version)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def keep_freed_memory() -> bool:
+    """Apply the settings above to this process (once); whether glibc took them."""
+    global _applied
+    if _applied is None:
+        libc = _glibc()
+        _applied = bool(
+            libc is not None
+            and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+            and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        )
+    return _applied
