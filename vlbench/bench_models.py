@@ -192,7 +192,7 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
     use_threads(args.threads)
     cfg = compose_config(model_name, scale, args.task, [f"trainer.device={args.device}", *args.overrides])
     device = pick_device(cfg.trainer.device)
-    kept_freed_memory = cfg.trainer.keep_freed_memory and keep_freed_memory()  # as a run does (vlbench/host_memory.py)
+    kept_blocks = keep_freed_memory() if cfg.trainer.keep_freed_memory else 0  # as a run does (vlbench/host_memory.py)
     seed_everything(cfg.seed)
     task, train_set, net = build_for_bench(cfg, device)
     tcfg = cfg.trainer
@@ -309,7 +309,7 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
         "compile_speedup": train_seconds / compiled_seconds if compiled_seconds else None,
         "compile_s": compile_seconds,
         "peak_memory_mb": peak_memory_mb(device),
-        "keep_freed_memory": kept_freed_memory,
+        "freed_blocks_kept_up_to_mib": kept_blocks >> 20,  # 0: malloc's defaults (trainer.keep_freed_memory)
         "profile": profile,
     }
 

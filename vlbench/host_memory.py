@@ -9,9 +9,9 @@ a step, 10 % of the run's CPU time in the kernel; with the settings below 97-109
 heap resident (Pixel-BERT tiny: 1.21 vs 1.09 GB peak RSS).
 
 ``mallopt`` settings (glibc only; elsewhere nothing changes and ``keep_freed_memory`` says so):
-- ``M_MMAP_THRESHOLD`` at glibc's maximum, 32 MiB: blocks up to that size come from the heap and are reused;
-  larger ones (base-scale activations) are still mapped and unmapped each time;
-- ``M_TRIM_THRESHOLD`` at 2 GiB - 1 (``mallopt`` takes an int): the heap's free top is given back only beyond that.
+- ``M_MMAP_THRESHOLD`` 1 GiB: blocks up to that size come from the heap and are reused (base-scale activations are
+  tens to hundreds of MiB); a glibc that refuses more than 32 MiB (older ones: half its arena size) gets 32 MiB;
+- ``M_TRIM_THRESHOLD`` 2 GiB - 1 (``mallopt`` takes an int): the heap's free top is given back only beyond that.
 Forked processes (the data loader's workers) inherit the settings.
 """
 
@@ -23,10 +23,10 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc on 64-bit: HEAP_MAX_SIZE / 2; larger values are refused
+MMAP_THRESHOLDS = (2**30, 32 * 1024 * 1024)  # the first glibc takes
 TRIM_THRESHOLD = 2**31 - 1
 
-_applied: bool | None = None
+_applied: int | None = None
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -40,14 +40,13 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def keep_freed_memory() -> bool:
-    """Apply the settings above to this process (once); whether glibc took them."""
+def keep_freed_memory() -> int:
+    """Apply the settings above to this process (once); the largest block size kept in the heap, in bytes (0: the
+    settings could not be applied here)."""
     global _applied
     if _applied is None:
+        _applied = 0
         libc = _glibc()
-        _applied = bool(
-            libc is not None
-            and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
-            and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-        )
+        if libc is not None and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1:
+            _applied = next((size for size in MMAP_THRESHOLDS if libc.mallopt(M_MMAP_THRESHOLD, size) == 1), 0)
     return _applied

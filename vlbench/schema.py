@@ -52,7 +52,7 @@ class TrainerConfig:
     # AdamW's kernel: auto = fused (one kernel over all tensors; 4x faster than the per-tensor loop on CPU at tiny
     # scale) except under FSDP (sharded tensors: foreach) | fused | foreach | loop. Same update up to rounding.
     optimizer_impl: str = "auto"
-    # CPU: glibc keeps freed blocks (up to 32 MiB) for the next step instead of returning them to the kernel, which
+    # CPU: glibc keeps freed blocks (up to 1 GiB) for the next step instead of returning them to the kernel, which
     # re-faults them at every step (vlbench/host_memory.py: Pixel-BERT tiny 1.2x faster). Speed only; once applied,
     # a process keeps it.
     keep_freed_memory: bool = True
