@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vlbench.bench import main
+from vlbench.host_memory import _glibc
 
 
 def test_retrieval_bench_compares_the_three_scorings(cache_dir, capsys):
@@ -84,8 +85,23 @@ def test_models_bench_writes_table_json_and_history(cache_dir, tmp_path, capsys)
     for key in ("train_samples_per_s", "eval_samples_per_s", "loader_samples_per_s", "eager_attention_samples_per_s"):
         assert row[key] > 0, key
     assert record["git_sha"] and record["matmul_flops"] > 0
+    assert row["freed_blocks_kept_up_to_mib"] >= (32 if _glibc() else 0)  # as a run (trainer.keep_freed_memory)
     save_record(record, None, str(history))
     assert len(history.read_text().splitlines()) == 2  # appended, not overwritten
+
+
+def test_models_bench_can_time_with_mallocs_defaults(cache_dir, tmp_path):
+    import json
+
+    from tests.conftest import SMALL_WORLD
+
+    out_json = tmp_path / "latest.json"
+    args = ["--malloc-defaults", "models", "--models", "textonly", "--steps", "1", "--warmup", "0"]
+    args += ["--eager-steps", "0", "--loader-batches", "1", "--gemm-size", "64", "--json", str(out_json)]
+    main([*args, "--history", str(tmp_path / "history.jsonl"), *SMALL_WORLD, "trainer.batch_size=8"])
+    record = json.loads(out_json.read_text())
+    assert record["rows"][0]["freed_blocks_kept_up_to_mib"] == 0
+    assert "trainer.keep_freed_memory=false" in record["overrides"]
 
 
 def test_models_bench_with_lxmert_runs_the_transformers_reference_beside_it(cache_dir, tmp_path, capsys):

@@ -35,6 +35,7 @@ import torch
 
 from vlbench.bench_models import add_parser as add_models_parser
 from vlbench.bench_models import restart_with_threads, use_threads
+from vlbench.host_memory import keep_freed_memory
 from vlbench.models.base import ModelContext
 
 BERT_VOCAB = 30522  # bert-base-uncased, LXMERT's tokenizer
@@ -401,6 +402,10 @@ def add_lxmert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlbench-bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--malloc-defaults", action="store_true",
+        help="glibc's malloc thresholds as they are, not those runs use (trainer.keep_freed_memory, default true)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("lxmert", help="training-step samples/s: our LXMERT vs transformers' LxmertForPreTraining")
     add_lxmert_arguments(p).set_defaults(func=bench_lxmert)
@@ -437,6 +442,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if argv is None:  # the console command (in-process callers keep their process: use_threads sets the count)
         restart_with_threads(args.threads)
+    if args.command == "models":  # each model's process applies its config's setting
+        args.overrides += ["trainer.keep_freed_memory=false"] if args.malloc_defaults else []
+    elif not args.malloc_defaults:  # time what a run computes at the speed a run has (vlbench/host_memory.py)
+        keep_freed_memory()
     args.func(args)
 
 
