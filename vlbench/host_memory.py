@@ -3,10 +3,13 @@
 Why: PyTorch's CPU tensors come from ``malloc``. glibc serves blocks above its mmap threshold with fresh ``mmap``
 pages and trims the top of its heap once more than a few MiB lie free there, so a training step's activations,
 freed at the end of the step, go back to the kernel and the next step faults every one of their pages in again
-(zeroed by the kernel). Measured on Pixel-BERT tiny's VQA step (batch 64, 2 threads, AMD EPYC): ~14,000 page faults
-a step, 10 % of the run's CPU time in the kernel; with the settings below 97-109 ms a step instead of 121-130 ms
-(1.2×), the same numbers (the allocator does not change what is computed). The price: the process keeps its peak
-heap resident (Pixel-BERT tiny: 1.21 vs 1.09 GB peak RSS).
+(zeroed by the kernel). glibc's thresholds adapt to a process's pattern; for ALBEF, LXMERT and UNIMO-3 they mostly
+do, for Pixel-BERT's convolution and BatchNorm buffers they do not. Measured on the tiny VQA runs (2 threads, AMD
+EPYC, docs/PERFORMANCE.md): Pixel-BERT ~16,800 page faults a step and 47 s of kernel time in a 197 s run; with the
+settings below 1.9 s and 174 s (its step 121-130 → 96-109 ms). The numbers stay the same bit for bit (the allocator
+changes where tensors lie, not what is computed; torch aligns every block to 64 bytes either way): losses, gradient
+norms, predictions and weights of all four models' runs equal with and without. The price: the process keeps its
+peak heap resident (Pixel-BERT tiny: 1.43 vs 1.26 GB peak RSS).
 
 ``mallopt`` settings (glibc only; elsewhere nothing changes and ``keep_freed_memory`` says so):
 - ``M_MMAP_THRESHOLD`` 1 GiB: blocks up to that size come from the heap and are reused (base-scale activations are
