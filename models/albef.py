@@ -128,14 +128,18 @@ class AlbefTowers(nn.Module):
         tokens = self.text_encoder(input_ids, attention_mask)
         return tokens, F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
 
-    def fuse(self, text_tokens, attention_mask, image_tokens) -> torch.Tensor:
+    def fuse(self, text_tokens, attention_mask, image_tokens, first_token_only: bool = False) -> torch.Tensor:
+        """The fusion encoder's token states (B, L, H); ``first_token_only``: the fused [CLS] alone, (B, 1, H)."""
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device)
-        return self.fusion_encoder(text_tokens, attention_mask, image_tokens, image_mask)
+        return self.fusion_encoder(
+            text_tokens, attention_mask, image_tokens, image_mask, first_token_only=first_token_only
+        )
 
 
 @MODELS.register("albef")
 class ALBEF(VisionLanguageModel):
     visual_input = "pixels"
+    encodes_pooled_only = True  # the last fused layer can compute [CLS] alone
     inputs_replaced_by_tokens = ("pixel_values", "input_ids")
 
     def __init__(self, cfg: DictConfig, ctx: ModelContext):
@@ -186,16 +190,16 @@ class ALBEF(VisionLanguageModel):
         return None
 
     # ----- the contract -----------------------------------------------------------------------------------------
-    def encode(self, batch: Batch) -> JointEncoding:
-        fused = self.fused_tokens(batch)
-        return JointEncoding(pooled=fused[:, 0], tokens=fused, mask=batch["attention_mask"])
+    def encode(self, batch: Batch, pooled_only: bool = False) -> JointEncoding:
+        fused = self.fused_tokens(batch, first_token_only=pooled_only)
+        return JointEncoding(pooled=fused[:, 0], tokens=None if pooled_only else fused, mask=batch["attention_mask"])
 
-    def fused_tokens(self, batch: Batch, momentum: bool = False) -> torch.Tensor:
+    def fused_tokens(self, batch: Batch, momentum: bool = False, first_token_only: bool = False) -> torch.Tensor:
         """The fusion encoder's token states (B, L, H) of the online towers, or of the momentum ones."""
         towers = self.momentum_model if momentum else self.online
         image_tokens = towers.visual_encoder.forward_features(batch["pixel_values"])
         text_tokens = towers.text_encoder(batch["input_ids"], batch["attention_mask"])
-        return towers.fuse(text_tokens, batch["attention_mask"], image_tokens)
+        return towers.fuse(text_tokens, batch["attention_mask"], image_tokens, first_token_only)
 
     @torch.no_grad()
     def momentum_step(self) -> None:
@@ -232,7 +236,7 @@ class ALBEF(VisionLanguageModel):
 
     def match_scores(self, batch: Batch) -> torch.Tensor:
         """The ITM head's positive logit for each (image, text) pair of the batch: the reference's rerank score."""
-        return self.itm_head(self.encode(batch).pooled)[:, 1]
+        return self.itm_head(self.encode(batch, self.skip_unread_states).pooled)[:, 1]
 
     def unimodal_tokens(self, batch: Batch) -> dict[str, torch.Tensor]:
         tokens = {}
@@ -242,12 +246,12 @@ class ALBEF(VisionLanguageModel):
             tokens["text_tokens"] = self.online.text_encoder(batch["input_ids"], batch["attention_mask"])
         return tokens
 
-    def encode_from_tokens(self, tokens: Batch) -> JointEncoding:
-        fused = self.online.fuse(tokens["text_tokens"], tokens["attention_mask"], tokens["image_tokens"])
-        return JointEncoding(pooled=fused[:, 0], tokens=fused, mask=tokens["attention_mask"])
+    def encode_from_tokens(self, tokens: Batch, pooled_only: bool = False) -> JointEncoding:
+        fused = self.online.fuse(tokens["text_tokens"], tokens["attention_mask"], tokens["image_tokens"], pooled_only)
+        return JointEncoding(pooled=fused[:, 0], tokens=None if pooled_only else fused, mask=tokens["attention_mask"])
 
     def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
-        return self.itm_head(self.encode_from_tokens(tokens).pooled)[:, 1]
+        return self.itm_head(self.encode_from_tokens(tokens, self.skip_unread_states).pooled)[:, 1]
 
     def _align_and_match(self, batch: Batch, step: int):
         """ITC (+ momentum distillation, queues) and ITM with hard negatives; momentum/queue updates only in training.
@@ -317,7 +321,8 @@ class ALBEF(VisionLanguageModel):
         batch = text_tokens.shape[0]
         # negatives are indices into the global batch: every process's tokens, gradients going back to their owner
         neg_text_for_image, neg_image_for_text = sample_hard_negatives(sim_i2t, sim_t2i, same_image, shard)
-        positive = self.online.fuse(text_tokens, attention_mask, image_tokens)[:, 0]
+        cls_only = self.skip_unread_states  # the ITM head reads the fused [CLS] alone
+        positive = self.online.fuse(text_tokens, attention_mask, image_tokens, cls_only)[:, 0]
         all_texts, all_masks = shard.gather(text_tokens, with_grad=True), shard.gather(attention_mask)
         all_images = shard.gather(image_tokens, with_grad=True)
         rows = shard.rows(text_tokens.device)
@@ -325,7 +330,7 @@ class ALBEF(VisionLanguageModel):
         neg_texts = torch.cat([all_texts[rows], all_texts[neg_text_for_image]])
         neg_masks = torch.cat([all_masks[rows], all_masks[neg_text_for_image]])
         neg_images = torch.cat([all_images[neg_image_for_text], all_images[rows]])
-        negative = self.online.fuse(neg_texts, neg_masks, neg_images)[:, 0]
+        negative = self.online.fuse(neg_texts, neg_masks, neg_images, cls_only)[:, 0]
         logits = self.itm_head(torch.cat([positive, negative]))
         labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
         return F.cross_entropy(logits, labels)

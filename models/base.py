@@ -69,7 +69,9 @@ class ModelContext:
 @dataclass
 class JointEncoding:
     pooled: torch.Tensor  # (B, H): the fused [CLS] representation heads classify from
-    tokens: torch.Tensor  # (B, L, H): fused token states (text side for two-stream models)
+    # (B, L, H): fused token states (text side for two-stream models); None when only ``pooled`` was asked for
+    # (``encode(..., pooled_only=True)``): the last fused layer then computed [CLS] alone
+    tokens: torch.Tensor | None
     mask: torch.Tensor  # (B, L)
 
 
@@ -88,8 +90,17 @@ class VisionLanguageModel(nn.Module):
     # updates once per iteration (ALBEF's momentum EMA) is updated on the first only, so accumulating k micro-batches
     # behaves like one k-times larger batch and not like k iterations
     first_micro_batch: bool = True
+    # ``encode``/``encode_from_tokens`` take ``pooled_only`` (our families): with it the last fused layer computes
+    # [CLS] alone. A model whose ``encode(batch)`` does not take it is called without it
+    encodes_pooled_only: ClassVar[bool] = False
+    # ``trainer.skip_unread_states`` (set by the runner): where a head or objective reads only the pooled [CLS], skip
+    # the token states nothing reads — the same function, up to float rounding. False here: a model built outside a
+    # run computes everything
+    skip_unread_states: bool = False
 
-    def encode(self, batch: Batch) -> JointEncoding:
+    def encode(self, batch: Batch, pooled_only: bool = False) -> JointEncoding:
+        """The joint encoding; ``pooled_only``: the caller reads ``pooled`` alone, so a model may skip what only
+        ``tokens`` need and leave them None (one with nothing to skip returns them anyway)."""
         raise NotImplementedError
 
     def batch_shard(self, size: int) -> BatchShard:
@@ -136,7 +147,7 @@ class VisionLanguageModel(nn.Module):
         ``encode_from_tokens`` (and ``match_scores_from_tokens`` when it has ``match_scores``)."""
         return None
 
-    def encode_from_tokens(self, tokens: Batch) -> JointEncoding:
+    def encode_from_tokens(self, tokens: Batch, pooled_only: bool = False) -> JointEncoding:
         """``encode`` of a batch of pairs from cached ``unimodal_tokens`` (plus the pairs' raw inputs, e.g.
         ``attention_mask``): equal to ``encode`` of the raw pairs in evaluation."""
         raise NotImplementedError
@@ -148,6 +159,24 @@ class VisionLanguageModel(nn.Module):
     def retrieval_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """The model's own retrieval fine-tuning objectives (``head=native`` on the retrieval task)."""
         raise NotImplementedError(f"{type(self).__name__} has no retrieval objectives of its own")
+
+
+def pooled_only_for(model: VisionLanguageModel, head: nn.Module) -> bool:
+    """Whether ``model`` may encode for ``head`` computing the pooled [CLS] alone: the head says it reads nothing
+    else (``reads_pooled_only``), the model can (``encodes_pooled_only``) and the run allows it
+    (``trainer.skip_unread_states``)."""
+    return bool(
+        getattr(head, "reads_pooled_only", False)
+        and getattr(model, "encodes_pooled_only", False)
+        and getattr(model, "skip_unread_states", False)
+    )
+
+
+def encode_for(model: VisionLanguageModel, head: nn.Module, batch: Batch, from_tokens: bool = False) -> JointEncoding:
+    """``model.encode(batch)`` (``encode_from_tokens`` with ``from_tokens``) as ``head`` reads it: the pooled [CLS]
+    alone where ``pooled_only_for`` allows, everything otherwise."""
+    encode = model.encode_from_tokens if from_tokens else model.encode
+    return encode(batch, pooled_only=True) if pooled_only_for(model, head) else encode(batch)
 
 
 class GenerativeAnswerHead(nn.Module):

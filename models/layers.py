@@ -120,7 +120,11 @@ class ResidualLayerNorm(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """One BERT layer: self-attention, optional cross-attention to another stream, feed-forward."""
+    """One BERT layer: self-attention, optional cross-attention to another stream, feed-forward.
+
+    ``first_token_only``: the output at position 0 ([CLS]) alone, (B, 1, H) — its query reads every position's keys
+    and values as in the full layer, but no other position is computed. For the last layer under a head that reads
+    only the pooled [CLS] (``trainer.skip_unread_states``): the same function, rounding aside."""
 
     def __init__(self, sizes: TextSizes, cross_attention_size: int | None = None):
         super().__init__()
@@ -142,8 +146,15 @@ class TransformerLayer(nn.Module):
         context_mask: torch.Tensor | None = None,
         causal: bool = False,
         shared_key_value: MultiHeadAttention | None = None,
+        first_token_only: bool = False,
     ) -> torch.Tensor:
-        x = self.attention_output(self.attention(x, context_mask=mask, causal=causal), x)
+        if first_token_only:
+            if causal:
+                raise ValueError("first_token_only with causal self-attention: [CLS] would read itself alone")
+            first = x[:, :1]
+            x = self.attention_output(self.attention(first, context=x, context_mask=mask), first)
+        else:
+            x = self.attention_output(self.attention(x, context_mask=mask, causal=causal), x)
         if self.has_cross_attention:
             if context is None:
                 raise ValueError("this layer has cross-attention: pass the other stream as `context`")
@@ -257,9 +268,13 @@ class TransformerStack(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(TransformerLayer(sizes, cross_attention_size) for _ in range(num_layers))
 
-    def forward(self, x, mask=None, context=None, context_mask=None, causal: bool = False) -> torch.Tensor:
-        for layer in self.layer:
-            x = layer(x, mask, context, context_mask, causal)
+    def forward(
+        self, x, mask=None, context=None, context_mask=None, causal: bool = False, first_token_only: bool = False
+    ) -> torch.Tensor:
+        """(B, L, H); ``first_token_only``: the last layer computes position 0 alone, (B, 1, H)."""
+        last = len(self.layer) - 1
+        for depth, layer in enumerate(self.layer):
+            x = layer(x, mask, context, context_mask, causal, first_token_only=first_token_only and depth == last)
         return x
 
 
@@ -271,8 +286,10 @@ class TextEncoder(nn.Module):
         self.embeddings = TextEmbeddings(vocab_size, sizes)
         self.encoder = TransformerStack(sizes, num_layers)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.embeddings(input_ids), attention_mask)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_token_only: bool = False
+    ) -> torch.Tensor:
+        return self.encoder(self.embeddings(input_ids), attention_mask, first_token_only=first_token_only)
 
 
 class MaskedLMHead(nn.Module):
@@ -311,6 +328,8 @@ class PooledMLPHead(nn.Module):
     """A native classifier over pooled joint encodings (LXMERT's ``logit_fc``, Pixel-BERT's heads): Linear(n·H, 2H) →
     GELU → LayerNorm → Linear, no dropout, BERT init. ``num_pairs=2``: NLVR2's two image–text pairs, whose pooled
     vectors are concatenated; the task hands it one encoding or that list."""
+
+    reads_pooled_only: ClassVar[bool] = True  # the model may skip the token states (``pooled_only_for``)
 
     def __init__(self, hidden_size: int, num_outputs: int, num_pairs: int = 1):
         super().__init__()

@@ -116,9 +116,14 @@ class CrossModalityLayer(nn.Module):
         language_mask: torch.Tensor | None,
         vision: torch.Tensor,
         vision_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        language_cls_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(language, vision) states; ``language_cls_only`` (the last layer under a pooled-only reader): the
+        language [CLS] alone, (B, 1, H), and no vision stream (None) — the pooler reads nothing else."""
         # both directions read the streams as they entered the layer (the reference computes both, then updates)
         lang_read = self.cross_attention_output(self.cross_attention(language, vision, vision_mask), language)
+        if language_cls_only:  # [CLS]'s self-attention reads every position of lang_read: that stays whole
+            return self.language(lang_read, language_mask, first_token_only=True), None
         vis_read = self.cross_attention_output(self.cross_attention(vision, language, language_mask), vision)
         return self.language(lang_read, language_mask), self.vision(vis_read, vision_mask)
 
@@ -140,8 +145,8 @@ class ObjectPredictionHead(nn.Module):
 
 @dataclass
 class LxmertStreams:
-    language: torch.Tensor  # (B, L, H)
-    vision: torch.Tensor  # (B, K, H)
+    language: torch.Tensor  # (B, L, H) ((B, 1, H): [CLS] alone, pooled_only)
+    vision: torch.Tensor | None  # (B, K, H) (None: pooled_only)
     pooled: torch.Tensor  # (B, H)
 
 
@@ -197,6 +202,7 @@ def sample_answers(scores: torch.Tensor, usable: torch.Tensor, shard: BatchShard
 
 @MODELS.register("lxmert")
 class LXMERT(PooledNativeHeads, VisionLanguageModel):
+    encodes_pooled_only = True  # the last fused layer can compute [CLS] alone
     objective_kinds = ("pretrain",)  # retrieval uses the shared matching head (no native ranking objective)
     visual_input = "regions"
     inputs_replaced_by_tokens = ("region_features", "region_boxes", "input_ids")
@@ -224,11 +230,12 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
             self.load_reference_weights(load_lxmert_checkpoint(cfg.init_checkpoint))
 
     # ----- the contract -----------------------------------------------------------------------------------------
-    def encode(self, batch: Batch) -> JointEncoding:
-        streams = self.encode_streams(batch)
-        return JointEncoding(pooled=streams.pooled, tokens=streams.language, mask=batch["attention_mask"])
+    def encode(self, batch: Batch, pooled_only: bool = False) -> JointEncoding:
+        streams = self.encode_streams(batch, pooled_only)
+        language = None if pooled_only else streams.language
+        return JointEncoding(pooled=streams.pooled, tokens=language, mask=batch["attention_mask"])
 
-    def encode_streams(self, batch: Batch) -> LxmertStreams:
+    def encode_streams(self, batch: Batch, pooled_only: bool = False) -> LxmertStreams:
         """Language and vision states and the pooled output (the pre-training heads read the vision states)."""
         return self._forward(
             batch["input_ids"],
@@ -237,11 +244,12 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
             batch["region_boxes"],
             batch.get("region_mask"),
             batch.get("token_type_ids"),
+            pooled_only,
         )
 
     def match_scores(self, batch: Batch) -> torch.Tensor:
         """The matching head's positive logit per pair: retrieval reranks with it."""
-        return self.match_head(self.encode(batch).pooled)[:, 1]
+        return self.match_head(self.encode(batch, self.skip_unread_states).pooled)[:, 1]
 
     def unimodal_tokens(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The language and object-relationship encoders' outputs: each stream is unimodal until the cross-modality
@@ -257,24 +265,31 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
             )
         return tokens
 
-    def encode_from_tokens(self, tokens: Batch) -> JointEncoding:
+    def encode_from_tokens(self, tokens: Batch, pooled_only: bool = False) -> JointEncoding:
         streams = self._cross(
-            tokens["language_states"], tokens["attention_mask"], tokens["object_states"], tokens.get("region_mask")
+            tokens["language_states"],
+            tokens["attention_mask"],
+            tokens["object_states"],
+            tokens.get("region_mask"),
+            pooled_only,
         )
-        return JointEncoding(pooled=streams.pooled, tokens=streams.language, mask=tokens["attention_mask"])
+        language = None if pooled_only else streams.language
+        return JointEncoding(pooled=streams.pooled, tokens=language, mask=tokens["attention_mask"])
 
     def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
-        return self.match_head(self.encode_from_tokens(tokens).pooled)[:, 1]
+        return self.match_head(self.encode_from_tokens(tokens, self.skip_unread_states).pooled)[:, 1]
 
     def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """MLM, masked-object (feature, label, attribute), matching and — from ``qa_start_step`` — QA losses."""
         return self.losses_from(self.corrupt(batch, step))
 
     # ----- pre-training -------------------------------------------------------------------------------------------
-    def _forward(self, input_ids, attention_mask, features, boxes, region_mask=None, token_type_ids=None):
+    def _forward(
+        self, input_ids, attention_mask, features, boxes, region_mask=None, token_type_ids=None, pooled_only=False
+    ):
         language = self._language_states(input_ids, attention_mask, token_type_ids)
         vision = self._object_states(features, boxes, region_mask)
-        return self._cross(language, attention_mask, vision, region_mask)
+        return self._cross(language, attention_mask, vision, region_mask, pooled_only)
 
     def _language_states(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         return self.language_encoder(self.embeddings(input_ids, token_type_ids), attention_mask)
@@ -282,10 +297,12 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
     def _object_states(self, features, boxes, region_mask=None) -> torch.Tensor:
         return self.object_encoder(self.visual_embeddings(features, boxes), region_mask)
 
-    def _cross(self, language, attention_mask, vision, region_mask=None) -> LxmertStreams:
-        """The cross-modality layers and the pooler over the two unimodal streams."""
-        for layer in self.cross_encoder:
-            language, vision = layer(language, attention_mask, vision, region_mask)
+    def _cross(self, language, attention_mask, vision, region_mask=None, pooled_only=False) -> LxmertStreams:
+        """The cross-modality layers and the pooler over the two unimodal streams (``pooled_only``: the last layer
+        computes the language [CLS] alone and no vision stream)."""
+        last = len(self.cross_encoder) - 1
+        for depth, layer in enumerate(self.cross_encoder):
+            language, vision = layer(language, attention_mask, vision, region_mask, pooled_only and depth == last)
         return LxmertStreams(language=language, vision=vision, pooled=torch.tanh(self.pooler(language[:, 0])))
 
     def corrupt(self, batch: Batch, step: int) -> PretrainInputs:

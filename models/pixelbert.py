@@ -198,6 +198,7 @@ class PixelEmbeddings(nn.Module):
 @MODELS.register("pixelbert")
 class PixelBERT(PooledNativeHeads, VisionLanguageModel):
     visual_input = "pixels"
+    encodes_pooled_only = True  # the last fused layer can compute [CLS] alone
     inputs_replaced_by_tokens = ("pixel_values",)
 
     def __init__(self, cfg: DictConfig, ctx: ModelContext):
@@ -241,16 +242,19 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
         attention_mask: torch.Tensor,
         pixel_tokens: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        pooled_only: bool = False,
     ) -> JointEncoding:
-        """The single-stream transformer over [text ; pixels]: tokens (B, L + N, H), their mask, pooled [CLS]."""
+        """The single-stream transformer over [text ; pixels]: tokens (B, L + N, H), their mask, pooled [CLS]
+        (``pooled_only``: the last layer computes [CLS] alone; tokens None)."""
         mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(pixel_tokens.shape[:2], dtype=torch.bool)], 1)
         tokens = torch.cat([self.embeddings(input_ids, token_type_ids), pixel_tokens], dim=1)
-        states = self.encoder(tokens, mask)
-        return JointEncoding(pooled=torch.tanh(self.pooler(states[:, 0])), tokens=states, mask=mask)
+        states = self.encoder(tokens, mask, first_token_only=pooled_only)
+        pooled = torch.tanh(self.pooler(states[:, 0]))
+        return JointEncoding(pooled=pooled, tokens=None if pooled_only else states, mask=mask)
 
-    def encode(self, batch: Batch) -> JointEncoding:
+    def encode(self, batch: Batch, pooled_only: bool = False) -> JointEncoding:
         pixels = self.pixel_tokens(batch["pixel_values"], sample=self.cfg.pixel_sample_in_finetune)
-        return self.fuse(batch["input_ids"], batch["attention_mask"], pixels, batch.get("token_type_ids"))
+        return self.fuse(batch["input_ids"], batch["attention_mask"], pixels, batch.get("token_type_ids"), pooled_only)
 
     # ----- pre-training -------------------------------------------------------------------------------------------
     def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
@@ -284,7 +288,7 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
 
     def match_scores(self, batch: Batch) -> torch.Tensor:
         """The ITM head's log-odds per pair: retrieval ranks with it."""
-        return self._match_score(self.encode(batch).pooled)
+        return self._match_score(self.encode(batch, self.skip_unread_states).pooled)
 
     def unimodal_tokens(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Each image's pixel tokens, sampled as ``encode`` samples them (the CNN runs once per image in retrieval);
@@ -293,13 +297,17 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
             return {}
         return {"pixel_tokens": self.pixel_tokens(batch["pixel_values"], sample=self.cfg.pixel_sample_in_finetune)}
 
-    def encode_from_tokens(self, tokens: Batch) -> JointEncoding:
+    def encode_from_tokens(self, tokens: Batch, pooled_only: bool = False) -> JointEncoding:
         return self.fuse(
-            tokens["input_ids"], tokens["attention_mask"], tokens["pixel_tokens"], tokens.get("token_type_ids")
+            tokens["input_ids"],
+            tokens["attention_mask"],
+            tokens["pixel_tokens"],
+            tokens.get("token_type_ids"),
+            pooled_only,
         )
 
     def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
-        return self._match_score(self.encode_from_tokens(tokens).pooled)
+        return self._match_score(self.encode_from_tokens(tokens, self.skip_unread_states).pooled)
 
     def retrieval_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Ranking: softmax cross-entropy of each image's caption against ``retrieval_negatives`` captions of other
@@ -322,7 +330,10 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
         text_index = torch.cat([rows[:, None], negatives], dim=1).reshape(-1)  # positive first
         pixels = self.pixel_tokens(batch["pixel_values"], sample=self.cfg.pixel_sample_in_finetune)
         encoding = self.fuse(
-            input_ids[text_index], attention_mask[text_index], pixels.repeat_interleave(count + 1, dim=0)
+            input_ids[text_index],
+            attention_mask[text_index],
+            pixels.repeat_interleave(count + 1, dim=0),
+            pooled_only=self.skip_unread_states,
         )
         scores = self._match_score(encoding.pooled).view(size, count + 1)
         return {"itm_rank": F.cross_entropy(scores, torch.zeros(size, dtype=torch.long, device=device))}

@@ -16,6 +16,7 @@ from vlbench.registry import MODELS
 @MODELS.register("textonly")
 class TextOnly(VisionLanguageModel):
     visual_input = "none"
+    encodes_pooled_only = True  # its last layer can compute [CLS] alone
 
     def __init__(self, cfg: DictConfig, ctx: ModelContext):
         super().__init__()
@@ -24,6 +25,6 @@ class TextOnly(VisionLanguageModel):
         self.text_encoder = TextEncoder(ctx.vocab_size, sizes, cfg.text_layers)
         init_bert_weights(self.text_encoder)
 
-    def encode(self, batch: Batch) -> JointEncoding:
-        tokens = self.text_encoder(batch["input_ids"], batch["attention_mask"])
-        return JointEncoding(pooled=tokens[:, 0], tokens=tokens, mask=batch["attention_mask"])
+    def encode(self, batch: Batch, pooled_only: bool = False) -> JointEncoding:
+        tokens = self.text_encoder(batch["input_ids"], batch["attention_mask"], first_token_only=pooled_only)
+        return JointEncoding(pooled=tokens[:, 0], tokens=None if pooled_only else tokens, mask=batch["attention_mask"])

@@ -180,20 +180,22 @@ class CrossModalLayer(nn.Module):
         vision: torch.Tensor,
         vision_levels: torch.Tensor | None,
         text_levels: torch.Tensor | None,
+        first_token_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Returns (text, vision, text gate weights | None, vision gate weights | None); the levels are the
-        cross-layer ones each stream reads, standardised, (B, K, N, H) (None: in-layer only)."""
+        cross-layer ones each stream reads, standardised, (B, K, N, H) (None: in-layer only). ``first_token_only``:
+        each stream's [CLS] alone, (B, 1, H) (the gates still read the whole streams)."""
         vision_context, text_weights = gated_context(self.text_gate, text, text_mask, vision, vision_levels)
         text_context, vision_weights = gated_context(self.vision_gate, vision, None, text, text_levels)
-        text_out = self.text(text, text_mask, vision_context, None)
-        vision_out = self.vision(vision, None, text_context, text_mask)
+        text_out = self.text(text, text_mask, vision_context, None, first_token_only=first_token_only)
+        vision_out = self.vision(vision, None, text_context, text_mask, first_token_only=first_token_only)
         return text_out, vision_out, text_weights, vision_weights
 
 
 @dataclass
 class FusedStreams:
-    text: torch.Tensor  # (B, L, H) the cross-modal text stream's last layer
-    vision: torch.Tensor  # (B, 1 + N, H)
+    text: torch.Tensor  # (B, L, H) the cross-modal text stream's last layer ((B, 1, H): [CLS] alone, pooled_only)
+    vision: torch.Tensor  # (B, 1 + N, H) (or (B, 1, H))
     pooled: torch.Tensor  # (B, 2H)
     text_gates: list[torch.Tensor | None]  # per layer: (B, K) weights over the vision levels the text stream read
     vision_gates: list[torch.Tensor | None]
@@ -222,8 +224,11 @@ class CrossModalEncoder(nn.Module):
         self.text_pooler = nn.Linear(h, h)
         self.vision_pooler = nn.Linear(h, h)
 
-    def forward(self, text_levels: torch.Tensor, text_mask: torch.Tensor, image_levels: torch.Tensor) -> FusedStreams:
-        """text_levels (B, Kt, L, Ht), image_levels (B, Kv, 1 + N, Dv): unimodal layers, the top one last."""
+    def forward(
+        self, text_levels: torch.Tensor, text_mask: torch.Tensor, image_levels: torch.Tensor, pooled_only: bool = False
+    ) -> FusedStreams:
+        """text_levels (B, Kt, L, Ht), image_levels (B, Kv, 1 + N, Dv): unimodal layers, the top one last.
+        ``pooled_only``: the last layer computes each stream's [CLS] alone (all the pooler reads)."""
         text = self.text_norm(self.text_transform(text_levels[:, -1]))
         vision = self.vision_norm(self.vision_transform(image_levels[:, -1]))
         # cross-layer levels, standardised once for every layer that reads them: of the vision modality (read by the
@@ -235,11 +240,14 @@ class CrossModalEncoder(nn.Module):
         if self.source == "cross_modal":
             text_history, vision_history = [normalise_levels(text)], [normalise_levels(vision)]
         text_gates, vision_gates = [], []
+        last = len(self.layer) - 1
         for depth, layer in enumerate(self.layer):
             if self.source == "cross_modal":  # every earlier output of the other stream, its input included
                 read_by_text = torch.stack(vision_history[:depth], dim=1) if depth else None
                 read_by_vision = torch.stack(text_history[:depth], dim=1) if depth else None
-            text, vision, text_weights, vision_weights = layer(text, text_mask, vision, read_by_text, read_by_vision)
+            text, vision, text_weights, vision_weights = layer(
+                text, text_mask, vision, read_by_text, read_by_vision, first_token_only=pooled_only and depth == last
+            )
             text_gates.append(text_weights)
             vision_gates.append(vision_weights)
             if self.source == "cross_modal" and depth + 1 < len(self.layer):
@@ -263,6 +271,7 @@ def check_choices(cfg: DictConfig) -> None:
 @MODELS.register("unimo3")
 class UNIMO3(PooledNativeHeads, VisionLanguageModel):
     visual_input = "pixels"
+    encodes_pooled_only = True  # the last fused layer can compute [CLS] alone
     inputs_replaced_by_tokens = ("pixel_values", "input_ids")
 
     def __init__(self, cfg: DictConfig, ctx: ModelContext):
@@ -308,12 +317,19 @@ class UNIMO3(PooledNativeHeads, VisionLanguageModel):
     ) -> torch.Tensor:
         return text_layer_states(self.text_encoder, input_ids, attention_mask, count or self.num_text_levels)
 
-    def fuse(self, text_levels: torch.Tensor, attention_mask: torch.Tensor, image_levels: torch.Tensor) -> FusedStreams:
-        return self.cross_encoder(text_levels, attention_mask, image_levels)
+    def fuse(
+        self,
+        text_levels: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_levels: torch.Tensor,
+        pooled_only: bool = False,
+    ) -> FusedStreams:
+        return self.cross_encoder(text_levels, attention_mask, image_levels, pooled_only)
 
-    def fuse_batch(self, batch: Batch) -> FusedStreams:
+    def fuse_batch(self, batch: Batch, pooled_only: bool = False) -> FusedStreams:
         mask = batch["attention_mask"]
-        return self.fuse(self.text_levels(batch["input_ids"], mask), mask, self.image_levels(batch["pixel_values"]))
+        text_levels, image_levels = self.text_levels(batch["input_ids"], mask), self.image_levels(batch["pixel_values"])
+        return self.fuse(text_levels, mask, image_levels, pooled_only)
 
     def image_feature(self, image_levels: torch.Tensor) -> torch.Tensor:
         """The normalised ITC feature (B, E) from the top ViT layer's [CLS]."""
@@ -323,9 +339,9 @@ class UNIMO3(PooledNativeHeads, VisionLanguageModel):
         return F.normalize(self.text_proj(text_levels[:, -1, 0]), dim=-1)
 
     # ----- the contract ------------------------------------------------------------------------------------------
-    def encode(self, batch: Batch) -> JointEncoding:
-        fused = self.fuse_batch(batch)
-        return JointEncoding(pooled=fused.pooled, tokens=fused.text, mask=batch["attention_mask"])
+    def encode(self, batch: Batch, pooled_only: bool = False) -> JointEncoding:
+        fused = self.fuse_batch(batch, pooled_only)
+        return JointEncoding(fused.pooled, None if pooled_only else fused.text, batch["attention_mask"])
 
     def embed_image(self, batch: Batch) -> torch.Tensor:
         return self.image_feature(self.image_levels(batch["pixel_values"], count=1))
@@ -335,7 +351,7 @@ class UNIMO3(PooledNativeHeads, VisionLanguageModel):
 
     def match_scores(self, batch: Batch) -> torch.Tensor:
         """The ITM head's positive logit per pair: retrieval's re-ranking score."""
-        return self.itm_head(self.fuse_batch(batch).pooled)[:, 1]
+        return self.itm_head(self.fuse_batch(batch, self.skip_unread_states).pooled)[:, 1]
 
     def unimodal_tokens(self, batch: Batch) -> dict[str, torch.Tensor] | None:
         """Every unimodal level the cross-modal encoder reads, per image and per caption (None: ``retrieval_cache``
@@ -349,12 +365,12 @@ class UNIMO3(PooledNativeHeads, VisionLanguageModel):
             tokens["text_levels"] = self.text_levels(batch["input_ids"], batch["attention_mask"])
         return tokens
 
-    def encode_from_tokens(self, tokens: Batch) -> JointEncoding:
-        fused = self.fuse(tokens["text_levels"], tokens["attention_mask"], tokens["image_levels"])
-        return JointEncoding(pooled=fused.pooled, tokens=fused.text, mask=tokens["attention_mask"])
+    def encode_from_tokens(self, tokens: Batch, pooled_only: bool = False) -> JointEncoding:
+        fused = self.fuse(tokens["text_levels"], tokens["attention_mask"], tokens["image_levels"], pooled_only)
+        return JointEncoding(fused.pooled, None if pooled_only else fused.text, tokens["attention_mask"])
 
     def match_scores_from_tokens(self, tokens: Batch) -> torch.Tensor:
-        return self.itm_head(self.encode_from_tokens(tokens).pooled)[:, 1]
+        return self.itm_head(self.encode_from_tokens(tokens, self.skip_unread_states).pooled)[:, 1]
 
     # ----- objectives --------------------------------------------------------------------------------------------
     def pretrain_losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
@@ -384,7 +400,9 @@ class UNIMO3(PooledNativeHeads, VisionLanguageModel):
             sim_i2t = image_feat @ text_feat.t() / self.temp  # this process's pairs: the negatives are drawn here
         same_image = None if image_ids is None else image_ids.view(-1, 1) == image_ids.view(1, -1)
         text_index, image_index, labels = itm_pair_indices(sim_i2t, sim_i2t.t(), same_image)
-        fused = self.fuse(text_levels[text_index], attention_mask[text_index], image_levels[image_index])
+        fused = self.fuse(
+            text_levels[text_index], attention_mask[text_index], image_levels[image_index], self.skip_unread_states
+        )
         loss_itm = F.cross_entropy(self.itm_head(fused.pooled), labels)
         return {"itc": loss_itc, "itm": loss_itm}, image_levels
 

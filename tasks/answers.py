@@ -31,6 +31,8 @@ class AnswerVocab:
 class SharedAnswerHead(nn.Module):
     """The controlled-comparison answer head: a 2-layer MLP over the pooled joint encoding."""
 
+    reads_pooled_only = True  # the model may skip the token states (``pooled_only_for``)
+
     def __init__(self, hidden_size: int, num_answers: int, multiplier: int, dropout: float):
         super().__init__()
         self.classifier = MLPClassifier(hidden_size, hidden_size * multiplier, num_answers, dropout)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from vlbench.errors import VlbenchError
-from vlbench.models.base import Batch
+from vlbench.models.base import Batch, encode_for
 
 
 @dataclass
@@ -179,8 +179,9 @@ class Task:
         """Adapt to the model family before any split is read (pre-training adds QA pairs for LXMERT); no-op here."""
 
     def forward(self, model: nn.Module, head: nn.Module, batch: Batch, step: int) -> Any:
-        """What training and prediction compute on a batch; by default the head over the joint encoding."""
-        return head(model.encode(batch), batch)
+        """What training and prediction compute on a batch; by default the head over the joint encoding (its
+        pooled [CLS] alone when that is all the head reads)."""
+        return head(encode_for(model, head, batch), batch)
 
     def loss_terms(self, outputs: Any) -> dict[str, float]:
         """Named parts of the loss to log besides the total (pre-training objectives); none by default."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from vlbench.data.files import format_template, read_jsonl, require_fields
 from vlbench.errors import VlbenchError
-from vlbench.models.base import Batch, JointEncoding, TwoImageHead
+from vlbench.models.base import Batch, JointEncoding, TwoImageHead, encode_for
 from vlbench.models.layers import MLPClassifier
 from vlbench.registry import TASKS
 from vlbench.tasks.base import EvalResult, Task
@@ -78,6 +78,8 @@ def read_nlvr2_split(root: Path, subtype: str, image_template: str) -> list[NLVR
 class PairClassifierHead(nn.Module):
     """The shared NLVR2 head over the two image-text pairs' pooled vectors."""
 
+    reads_pooled_only = True
+
     def __init__(self, hidden_size: int, dropout: float):
         super().__init__()
         self.classifier = MLPClassifier(2 * hidden_size, 2 * hidden_size, len(LABELS), dropout)
@@ -133,7 +135,7 @@ class NLVR2Task(Task):
             logits = head.pair_logits(model, first, second)
             teacher = head.pair_teacher(model, first, second, step)
             return logits if teacher is None else DistilledLogits(logits, *teacher)
-        return head([model.encode(first), model.encode(second)], batch)
+        return head([encode_for(model, head, first), encode_for(model, head, second)], batch)
 
     def build_shared_head(self, hidden_size: int) -> nn.Module:
         return PairClassifierHead(hidden_size, self.cfg.head_dropout)

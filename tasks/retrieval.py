@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from vlbench.data.files import format_template, read_json, require_fields
 from vlbench.errors import VlbenchError
-from vlbench.models.base import Batch, JointEncoding, ModelObjectives, VisionLanguageModel
+from vlbench.models.base import Batch, JointEncoding, ModelObjectives, VisionLanguageModel, encode_for
 from vlbench.models.layers import MLPClassifier
 from vlbench.registry import TASKS
 from vlbench.tasks.base import EvalContext, EvalResult, Task, pad_sequences, to_device, write_json_predictions
@@ -94,6 +94,8 @@ def caption_pairs(
 class SharedMatchHead(nn.Module):
     """The shared ITM head: matched / not matched from the pooled joint encoding (logit 1 = match)."""
 
+    reads_pooled_only = True
+
     def __init__(self, hidden_size: int, dropout: float):
         super().__init__()
         self.classifier = MLPClassifier(hidden_size, hidden_size * 2, 2, dropout)
@@ -118,21 +120,23 @@ def _pair_batch(
     return pairs
 
 
-def encode_pairs(model: nn.Module, batch: Batch, image_index: torch.Tensor, text_index: torch.Tensor) -> JointEncoding:
-    """The joint encoding of pairs (image ``image_index[r]``, text ``text_index[r]``) of a batch. A model with
-    ``unimodal_tokens`` encodes each image and text of the batch once and fuses per pair, as ALBEF's reference
-    does for its ITM negatives (they index the batch's unimodal embeddings); others encode every pair. The unimodal
-    encoders then see each image once: their BatchNorm statistics (Pixel-BERT's CNN) are the batch's, not weighted
-    by how often an image was drawn, and an image's pairs share its dropout masks."""
+def encode_pairs(
+    model: nn.Module, head: nn.Module, batch: Batch, image_index: torch.Tensor, text_index: torch.Tensor
+) -> JointEncoding:
+    """The joint encoding of pairs (image ``image_index[r]``, text ``text_index[r]``) of a batch, as ``head`` reads
+    it (``encode_for``). A model with ``unimodal_tokens`` encodes each image and text of the batch once and fuses per
+    pair, as ALBEF's reference does for its ITM negatives (they index the batch's unimodal embeddings); others encode
+    every pair. The unimodal encoders then see each image once: their BatchNorm statistics (Pixel-BERT's CNN) are the
+    batch's, not weighted by how often an image was drawn, and an image's pairs share its dropout masks."""
     images = {k: v for k, v in batch.items() if k in VISUAL_KEYS}
     image_tokens = model.unimodal_tokens(images) if images else None
     if image_tokens is None:
-        return model.encode(_pair_batch(batch, image_index, text_index))
+        return encode_for(model, head, _pair_batch(batch, image_index, text_index))
     text_tokens = model.unimodal_tokens({k: batch[k] for k in ("input_ids", "attention_mask")}) or {}
     pairs = _pair_batch(batch, image_index, text_index, skip=model.inputs_replaced_by_tokens)
     pairs.update({name: tokens[image_index] for name, tokens in image_tokens.items()})
     pairs.update({name: tokens[text_index] for name, tokens in text_tokens.items()})
-    return model.encode_from_tokens(pairs)
+    return encode_for(model, head, pairs, from_tokens=True)
 
 
 def shared_matching_loss(model: nn.Module, head: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
@@ -149,7 +153,7 @@ def shared_matching_loss(model: nn.Module, head: nn.Module, batch: Batch) -> dic
     neg_image = shard.choose(weights).squeeze(1)
     image_index = torch.cat([rows, rows, neg_image])
     text_index = torch.cat([rows, neg_text, rows])
-    logits = head(encode_pairs(model, batch, image_index, text_index), batch)
+    logits = head(encode_pairs(model, head, batch, image_index, text_index), batch)
     labels = torch.cat([torch.ones(size), torch.zeros(2 * size)]).long().to(logits.device)
     return {"itm": F.cross_entropy(logits.float(), labels)}
 
@@ -350,11 +354,11 @@ class RetrievalTask(CaptionCorpusTask):
         elif cached:
 
             def match_fn(pairs):
-                return head(model.encode_from_tokens(pairs), pairs)[:, 1]
+                return head(encode_for(model, head, pairs, from_tokens=True), pairs)[:, 1]
         else:
 
             def match_fn(pairs):
-                return head(model.encode(pairs), pairs)[:, 1]
+                return head(encode_for(model, head, pairs), pairs)[:, 1]
 
         unused = model.inputs_replaced_by_tokens if cached else ()
         i2t, t2i = score_retrieval(

@@ -20,7 +20,7 @@ from torch import nn
 
 from vlbench.data.files import format_template, read_json, require_fields
 from vlbench.errors import VlbenchError
-from vlbench.models.base import Batch, GenerativeAnswerHead
+from vlbench.models.base import Batch, GenerativeAnswerHead, encode_for
 from vlbench.registry import TASKS
 from vlbench.tasks.answers import AnswerVocab, SharedAnswerHead
 from vlbench.tasks.base import EvalResult, Task, write_json_predictions
@@ -198,7 +198,7 @@ class VQATask(Task):
         training and its candidate scores (same shape as a classifier's logits) in evaluation."""
         if isinstance(head, GenerativeAnswerHead):
             return head.answer_losses(model, batch, step) if head.training else head.answer_scores(model, batch)
-        return head(model.encode(batch), batch)
+        return head(encode_for(model, head, batch), batch)
 
     def loss(self, outputs: torch.Tensor | dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         if isinstance(outputs, dict):  # a generative head's own losses

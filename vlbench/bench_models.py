@@ -142,6 +142,7 @@ def build_for_bench(cfg, device: torch.device):
         tokenizer, cfg.data.image_size, num_groups=task.num_groups, steps_per_epoch=steps_per_epoch
     )
     model = model_cls(cfg.model, ctx)
+    model.skip_unread_states = cfg.trainer.skip_unread_states  # as a run does
     if cfg.head == "native":
         head = model.native_head(task.head_kind, task.num_outputs, **task.native_head_inputs())
         if head is None:

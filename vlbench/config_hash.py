@@ -31,6 +31,7 @@ NON_SEMANTIC_KEYS = (
     "model.channels_last",
     "trainer.optimizer_impl",  # AdamW's kernel (fused, foreach, loop): the same update up to float rounding
     "trainer.keep_freed_memory",  # how malloc keeps freed memory: the same numbers, bit for bit
+    "trainer.skip_unread_states",  # token states no head reads left uncomputed: the same numbers up to float rounding
     "trainer.log_every",  # how often losses are logged: logging reads them, changes none
     "trainer.num_workers",  # loader processes: the same batches in the same order (tests/test_runner.py)
     "data.cache_dir",  # where the synthetic world and region features are cached: the same files wherever they lie

@@ -513,6 +513,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         sample_generator=sample_generator,
     )
     model: VisionLanguageModel = model_cls(cfg.model, ctx)
+    model.skip_unread_states = tcfg.skip_unread_states
     init_report, init_source = None, None
     if cfg.init_from and resume_state is None:  # a resumed run reloads its own weights below
         init_source = resolve_init_source(cfg.init_from)

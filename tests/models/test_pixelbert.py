@@ -327,9 +327,9 @@ def test_retrieval_negatives_come_from_the_step_generator(monkeypatch):
     seen = []
     fuse = model.fuse
 
-    def recording_fuse(input_ids, attention_mask, pixel_tokens):
+    def recording_fuse(input_ids, attention_mask, pixel_tokens, **options):
         seen.append(input_ids[:, 1].tolist())
-        return fuse(input_ids, attention_mask, pixel_tokens)
+        return fuse(input_ids, attention_mask, pixel_tokens, **options)
 
     monkeypatch.setattr(model, "fuse", recording_fuse)
     batch = make_batch()
