@@ -333,3 +333,24 @@ def test_bench_threads_come_from_the_environment_not_a_runtime_switch(monkeypatc
     assert os.environ["OMP_NUM_THREADS"] == str(current + 1) and os.environ["VLBENCH_BENCH_RESTARTED"] == "1"
     bench_models.restart_with_threads(current + 1)  # the restarted process does not restart again
     assert len(execs) == 1
+
+
+def test_unread_bench_times_both_variants_of_the_same_model(cache_dir, capsys):
+    """``vlbench-bench unread``: both task models step, and in evaluation they compute the same loss (the same
+    weights; only the token states nothing reads are skipped)."""
+    from argparse import Namespace
+
+    from tests.conftest import SMALL_WORLD
+    from vlbench.bench_unread import bench_unread
+
+    args = ["unread", "--models", "textonly,unimo3", "--rounds", "1", "--steps", "2", "--warmup", "0"]
+    main([*args, *SMALL_WORLD, "trainer.batch_size=8"])
+    out = capsys.readouterr().out
+    assert "trainer.skip_unread_states" in out and "textonly" in out and "unimo3" in out
+    rows = bench_unread(Namespace(
+        models="unimo3", scale="tiny", task="vqa", rounds=1, steps=1, warmup=0, threads=0, device="cpu",
+        overrides=[*SMALL_WORLD, "trainer.batch_size=8"],
+    ))  # fmt: skip
+    row = rows[0]
+    assert row["skipped_ms"] > 0 and row["all_states_ms"] > 0 and row["batch_size"] == 8
+    assert abs(row["eval_loss_skipped"] - row["eval_loss_all_states"]) < 1e-4

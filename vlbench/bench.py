@@ -23,6 +23,12 @@ vlbench-bench pixelbert [--scale tiny|base] [--batch-size 8] [--steps 4] [--warm
     ``--image-size 800``: the paper's short side, where its 100 of ~600 pixels shorten the sequence most.
     ``--compare channels_last``: the CNN (and its input) in channels-last vs contiguous memory order instead
     (``model.channels_last``), both with the scale's pixel sampling.
+
+vlbench-bench unread [--models albef,lxmert,pixelbert,unimo3] [--scale tiny|base] [--task vqa] [--rounds 6]
+                     [--steps 20] [--threads N] [overrides ...]
+    Each model's training step with the token states no head reads skipped (``trainer.skip_unread_states``, the
+    default) vs computed, same weights and batches, in one process, alternating rounds; the two evaluation-mode
+    losses beside (see ``vlbench.bench_unread``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 
 from vlbench.bench_models import add_parser as add_models_parser
 from vlbench.bench_models import restart_with_threads, use_threads
+from vlbench.bench_unread import add_unread_parser
 from vlbench.host_memory import keep_freed_memory
 from vlbench.models.base import ModelContext
 
@@ -439,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     b.set_defaults(func=bench_pixelbert)
     add_models_parser(sub)
+    add_unread_parser(sub)
     args = parser.parse_args(argv)
     if argv is None:  # the console command (in-process callers keep their process: use_threads sets the count)
         restart_with_threads(args.threads)
