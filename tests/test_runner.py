@@ -293,6 +293,53 @@ def test_a_key_added_later_at_its_former_value_leaves_the_config_hash(make_cfg):
     assert config_hash(tiny_before) != config_hash(tiny)
 
 
+def test_keys_a_run_does_not_read_leave_the_config_hash(make_cfg):
+    """LXMERT's qa_start_epochs (added later, 0 = as before), ALBEF's nlvr_merge (read only by its native NLVR2 head;
+    its default changed after the shared-head records) and finetune_lr (read only with init_from)."""
+    from vlbench.config_hash import config_hash
+
+    def without(cfg, dotted):
+        saved = OmegaConf.create(OmegaConf.to_container(cfg))  # a record's config.yaml, written before the change
+        *parents, leaf = dotted.split(".")
+        node = saved
+        for p in parents:
+            node = node[p]
+        del node[leaf]
+        return saved
+
+    lxmert = make_cfg("model=lxmert")
+    assert config_hash(without(lxmert, "model.qa_start_epochs")) == config_hash(lxmert)
+    assert config_hash(make_cfg("model=lxmert", "model.qa_start_epochs=10")) != config_hash(lxmert)
+    shared = make_cfg("model=albef", "task=nlvr2")
+    assert config_hash(make_cfg("model=albef", "task=nlvr2", "model.nlvr_merge=linear")) == config_hash(shared)
+    native = make_cfg("model=albef", "task=nlvr2", "head=native")
+    assert config_hash(make_cfg("model=albef", "task=nlvr2", "head=native", "model.nlvr_merge=linear")) != (
+        config_hash(native)
+    )
+    scratch = make_cfg("model=unimo3")
+    assert scratch.trainer.finetune_lr is not None
+    assert config_hash(make_cfg("model=unimo3", "trainer.finetune_lr=null")) == config_hash(scratch)
+    init = make_cfg("model=unimo3", "init_from=/some/run")
+    assert config_hash(make_cfg("model=unimo3", "init_from=/some/run", "trainer.finetune_lr=3e-4")) != config_hash(init)
+
+
+def test_the_reference_records_match_todays_grid_configuration():
+    """Every pre-training record in results/reference has the setting a fresh `make reproduce` composes today: a key
+    added or re-defaulted without KEYS_ADDED_LATER (or a rule for keys a run does not read) would turn the judged
+    re-runs into "another configuration" (LXMERT's and ALBEF's did until this test)."""
+    from hydra import compose, initialize_config_module
+
+    from vlbench.config_hash import setting_hash
+
+    records = sorted(Path("results/reference").glob("*/pretrain/*seed0"))
+    assert {r.parts[-3] for r in records} == {"albef", "lxmert", "pixelbert", "unimo3"}
+    with initialize_config_module(config_module="vlbench.conf", version_base="1.3"):
+        for record in records:
+            grid = ["+experiment=suite", "budget=tiny_96k", f"model={record.parts[-3]}", "task=pretrain", "seed=0"]
+            fresh = compose(config_name="config", overrides=[*grid, "init_from=null"])  # as a pre-training records it
+            assert setting_hash(OmegaConf.load(record / "config.yaml"), "cpu") == setting_hash(fresh, "cpu"), record
+
+
 def test_activation_checkpointing_from_the_config_changes_no_number(make_cfg, tmp_path, monkeypatch):
     # dropout inside the blocks (text) and outside them (the head): checkpointing replays the blocks' draws
     import vlbench.runner as runner

@@ -45,6 +45,14 @@ NON_SEMANTIC_KEYS = (
 # the leaderboard's rows); any other value is a new configuration.
 KEYS_ADDED_LATER = {
     "model.init_std": 0.02,  # Pixel-BERT: its transformer's init std, BERT's 0.02 before the key existed
+    "model.qa_start_epochs": 0.0,  # LXMERT (2653a28): QA from an epoch; 0 = from qa_start_step, as before
+}
+
+# Keys that only one head on some tasks reads, with (those tasks, that head): out of every other run's hash, so a
+# change of their default leaves the records of runs that never read them matching (ALBEF's shared-head records
+# were written when nlvr_merge defaulted to linear; b56afe1 made replicate the default of its native NLVR2 head).
+KEYS_READ_BY_ONE_HEAD = {
+    "model.nlvr_merge": (("nlvr2", "nlvr2_ta"), "native"),
 }
 
 
@@ -101,6 +109,8 @@ def semantic_config(cfg: DictConfig, device_type: str | None = None) -> dict:
         node.pop(leaf, None)
     _drop_unbuilt_stem_width(container.get("model"))
     _drop_keys_at_their_former_value(container)
+    _drop_keys_no_head_reads(container)
+    _drop_finetune_lr_without_init(container)
     trainer = container.get("trainer")
     if device_type is not None and isinstance(trainer, dict):
         trainer["device"] = device_type
@@ -126,6 +136,30 @@ def _drop_keys_at_their_former_value(container: dict) -> None:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict) and leaf in node and node[leaf] == former:
             node.pop(leaf)
+
+
+def _drop_keys_no_head_reads(container: dict) -> None:
+    """``KEYS_READ_BY_ONE_HEAD`` out of the hash of a run whose task and head do not read them."""
+    task = container.get("task")
+    task_name = task.get("name") if isinstance(task, dict) else None
+    for dotted, (tasks, head) in KEYS_READ_BY_ONE_HEAD.items():
+        if task_name in tasks and container.get("head") == head:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = container
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+
+
+def _drop_finetune_lr_without_init(container: dict) -> None:
+    """``trainer.finetune_lr`` is read only by a run with ``init_from`` (which records it as its ``lr``): out of the
+    hash of a run from scratch, so a preset that gains one (LXMERT tiny, 5a6af3b) leaves its pre-training records
+    matching."""
+    trainer = container.get("trainer")
+    if not container.get("init_from") and isinstance(trainer, dict):
+        trainer.pop("finetune_lr", None)
 
 
 def config_hash(cfg: DictConfig, device_type: str | None = None) -> str:
