@@ -293,6 +293,17 @@ def test_a_key_added_later_at_its_former_value_leaves_the_config_hash(make_cfg):
     assert config_hash(tiny_before) != config_hash(tiny)
 
 
+@pytest.mark.parametrize("key", ["trainer.keep_freed_memory", "trainer.skip_unread_states"])
+def test_speed_switches_are_on_by_default_and_leave_the_config_hash(make_cfg, key):
+    """Freed memory kept (bit for bit the same numbers) and unread states skipped (the same function up to float
+    rounding): records written with either setting are one configuration."""
+    from vlbench.config_hash import config_hash
+
+    cfg = make_cfg("model=unimo3")
+    assert OmegaConf.select(cfg, key) is True
+    assert config_hash(make_cfg("model=unimo3", f"{key}=false")) == config_hash(cfg)
+
+
 def test_keys_a_run_does_not_read_leave_the_config_hash(make_cfg):
     """LXMERT's qa_start_epochs (added later, 0 = as before), ALBEF's nlvr_merge (read only by its native NLVR2 head;
     its default changed after the shared-head records) and finetune_lr (read only with init_from)."""

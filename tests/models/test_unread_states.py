@@ -183,15 +183,6 @@ def test_the_text_only_baseline_skips_too():
     close(pooled_only.pooled, full.pooled)
 
 
-def test_the_switch_leaves_the_config_hash_alone(make_cfg):
-    from vlbench.config_hash import config_hash
-
-    assert make_cfg("model=unimo3").trainer.skip_unread_states is True
-    assert config_hash(make_cfg("model=unimo3", "trainer.skip_unread_states=false")) == config_hash(
-        make_cfg("model=unimo3")
-    )
-
-
 @pytest.mark.parametrize("skip", [True, False])
 def test_a_run_encodes_for_its_shared_head_as_the_switch_says(make_cfg, tmp_path, monkeypatch, skip):
     from vlbench.models.textonly import TextOnly
