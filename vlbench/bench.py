@@ -278,6 +278,7 @@ def bench_retrieval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     ctx_model = ModelContext.for_tokenizer(tokenizer, cfg.data.image_size)
     torch.manual_seed(0)
     model = MODELS.get("albef")(cfg.model, ctx_model).eval().to(args.device)
+    model.skip_unread_states = cfg.trainer.skip_unread_states  # ITM fuses as a run's evaluation does
     if args.run:
         load_init_weights(model, resolve_init_source(args.run), cfg.model)
     else:
