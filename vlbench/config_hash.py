@@ -102,11 +102,7 @@ def semantic_config(cfg: DictConfig, device_type: str | None = None) -> dict:
     (bf16) and on a CPU (fp32) differ and ``auto`` and ``cpu`` on a CPU agree; without it they stay as written."""
     container = OmegaConf.to_container(cfg, resolve=True)
     for dotted in NON_SEMANTIC_KEYS:
-        node = container
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
+        _pop(container, dotted)
     _drop_unbuilt_stem_width(container.get("model"))
     _drop_keys_at_their_former_value(container)
     _drop_keys_no_head_reads(container)
@@ -116,6 +112,16 @@ def semantic_config(cfg: DictConfig, device_type: str | None = None) -> dict:
         trainer["device"] = device_type
         trainer["precision"] = effective_precision(trainer.get("precision", "auto"), device_type)
     return container
+
+
+def _pop(container: dict, dotted: str, only_if=lambda value: True) -> None:
+    """Remove ``dotted`` (``trainer.lr``) from a nested dict where it is there and ``only_if(its value)``."""
+    *parents, leaf = dotted.split(".")
+    node = container
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf in node and only_if(node[leaf]):
+        node.pop(leaf)
 
 
 def _drop_unbuilt_stem_width(model: dict | None) -> None:
@@ -130,12 +136,7 @@ def _drop_unbuilt_stem_width(model: dict | None) -> None:
 def _drop_keys_at_their_former_value(container: dict) -> None:
     """``KEYS_ADDED_LATER`` at the value runs computed with before the key existed: out of the hash."""
     for dotted, former in KEYS_ADDED_LATER.items():
-        *parents, leaf = dotted.split(".")
-        node = container
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == former:
-            node.pop(leaf)
+        _pop(container, dotted, only_if=lambda value, former=former: value == former)
 
 
 def _drop_keys_no_head_reads(container: dict) -> None:
@@ -143,14 +144,8 @@ def _drop_keys_no_head_reads(container: dict) -> None:
     task = container.get("task")
     task_name = task.get("name") if isinstance(task, dict) else None
     for dotted, (tasks, head) in KEYS_READ_BY_ONE_HEAD.items():
-        if task_name in tasks and container.get("head") == head:
-            continue
-        *parents, leaf = dotted.split(".")
-        node = container
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+        if not (task_name in tasks and container.get("head") == head):
+            _pop(container, dotted)
 
 
 def _drop_finetune_lr_without_init(container: dict) -> None:
