@@ -76,6 +76,7 @@ from vlbench.models.base import (
 from vlbench.models.checkpoints import resample_vit_pos_embeds
 from vlbench.models.layers import (
     MaskedLMHead,
+    ReadPositions,
     TextEncoder,
     TransformerStack,
     TwinBlockLayer,
@@ -128,12 +129,36 @@ class AlbefTowers(nn.Module):
         tokens = self.text_encoder(input_ids, attention_mask)
         return tokens, F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
 
-    def fuse(self, text_tokens, attention_mask, image_tokens, first_token_only: bool = False) -> torch.Tensor:
-        """The fusion encoder's token states (B, L, H); ``first_token_only``: the fused [CLS] alone, (B, 1, H)."""
+    def fuse(
+        self,
+        text_tokens,
+        attention_mask,
+        image_tokens,
+        first_token_only: bool = False,
+        query_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The fusion encoder's token states (B, L, H); ``first_token_only``: the fused [CLS] alone, (B, 1, H);
+        ``query_positions`` (B, Q): those positions alone, (B, Q, H) (the last layer computes nothing else)."""
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device)
         return self.fusion_encoder(
-            text_tokens, attention_mask, image_tokens, image_mask, first_token_only=first_token_only
+            text_tokens,
+            attention_mask,
+            image_tokens,
+            image_mask,
+            first_token_only=first_token_only,
+            query_positions=query_positions,
         )
+
+    def masked_lm_logits(
+        self, text_tokens, attention_mask, image_tokens, chosen: torch.Tensor, read: ReadPositions | None
+    ) -> torch.Tensor:
+        """MLM logits at the ``chosen`` (masked) positions, in ``fused[chosen]`` order; with ``read``
+        (``trainer.skip_unread_states``) the last fusion layer computes those positions alone. The head runs on
+        the chosen rows only (the reference runs it on every position and drops the rest: the same numbers)."""
+        if read is None:
+            return self.mlm_head(self.fuse(text_tokens, attention_mask, image_tokens)[chosen])
+        fused = self.fuse(text_tokens, attention_mask, image_tokens, query_positions=read.index)
+        return self.mlm_head(fused[read.picked])
 
 
 @MODELS.register("albef")
@@ -344,14 +369,16 @@ class ALBEF(VisionLanguageModel):
             self.ctx, input_ids, attention_mask, self.cfg.mlm_probability, shard=shard
         )
         chosen = labels != -100
+        read = ReadPositions.of(chosen) if self.skip_unread_states else None
         text_tokens = self.online.text_encoder(masked_ids, attention_mask)
-        logits = self.online.mlm_head(self.online.fuse(text_tokens, attention_mask, image_tokens))[chosen]
+        logits = self.online.masked_lm_logits(text_tokens, attention_mask, image_tokens, chosen, read)
         hard = F.one_hot(labels[chosen], self.ctx.vocab_size).float()
         if alpha > 0:
             with torch.no_grad():
                 text_tokens_m = self.momentum_model.text_encoder(masked_ids, attention_mask)
-                fused_m = self.momentum_model.fuse(text_tokens_m, attention_mask, image_tokens_m)
-                logits_m = self.momentum_model.mlm_head(fused_m)[chosen]
+                logits_m = self.momentum_model.masked_lm_logits(
+                    text_tokens_m, attention_mask, image_tokens_m, chosen, read
+                )
             targets = distillation_targets(logits_m, hard, alpha)
         else:
             targets = hard

@@ -14,6 +14,7 @@ import functools
 import math
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -124,7 +125,8 @@ class TransformerLayer(nn.Module):
 
     ``first_token_only``: the output at position 0 ([CLS]) alone, (B, 1, H) — its query reads every position's keys
     and values as in the full layer, but no other position is computed. For the last layer under a head that reads
-    only the pooled [CLS] (``trainer.skip_unread_states``): the same function, rounding aside."""
+    only the pooled [CLS] (``trainer.skip_unread_states``): the same function, rounding aside. ``query_positions``
+    (B, Q) generalises it: the outputs at those positions alone, (B, Q, H) (an MLM loss reads its masked tokens)."""
 
     def __init__(self, sizes: TextSizes, cross_attention_size: int | None = None):
         super().__init__()
@@ -147,12 +149,13 @@ class TransformerLayer(nn.Module):
         causal: bool = False,
         shared_key_value: MultiHeadAttention | None = None,
         first_token_only: bool = False,
+        query_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if first_token_only:
+        rows = x[:, :1] if first_token_only else None if query_positions is None else gather_rows(x, query_positions)
+        if rows is not None:
             if causal:
-                raise ValueError("first_token_only with causal self-attention: [CLS] would read itself alone")
-            first = x[:, :1]
-            x = self.attention_output(self.attention(first, context=x, context_mask=mask), first)
+                raise ValueError("first_token_only/query_positions with causal self-attention: not the same function")
+            x = self.attention_output(self.attention(rows, context=x, context_mask=mask), rows)
         else:
             x = self.attention_output(self.attention(x, context_mask=mask, causal=causal), x)
         if self.has_cross_attention:
@@ -161,6 +164,37 @@ class TransformerLayer(nn.Module):
             read = self.crossattention(x, context, context_mask, shared_key_value=shared_key_value)
             x = self.crossattention_output(read, x)
         return self.output(F.gelu(self.intermediate(x)), x)
+
+
+def gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (B, L, H) at positions (B, Q) → (B, Q, H)."""
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@dataclass(frozen=True)
+class ReadPositions:
+    """The positions a loss reads, per example, for a last layer that computes those alone (``query_positions``).
+
+    ``index`` (B, Q): ascending positions, padded with position 0 up to the batch's largest count (Q ≥ 1);
+    ``picked`` (B, Q): the entries that hold a chosen position — ``states[picked]`` lists the same rows, in the same
+    order, as ``full_states[chosen]`` would."""
+
+    index: torch.Tensor
+    picked: torch.Tensor
+
+    @classmethod
+    def of(cls, chosen: torch.Tensor, keep_first: bool = False) -> ReadPositions:
+        """``chosen`` (B, L) bool; ``keep_first``: position 0 too, at index 0 of every row (a pooler reads it)."""
+        wanted = chosen.clone()
+        if keep_first:
+            wanted[:, 0] = True
+        length = wanted.shape[1]
+        count = max(int(wanted.sum(dim=1).max()), 1) if wanted.numel() else 1
+        positions = torch.arange(length, device=chosen.device).expand_as(wanted)
+        index = torch.where(wanted, positions, length).sort(dim=1).values[:, :count]
+        real = index < length
+        index = index.masked_fill(~real, 0)
+        return cls(index, real & chosen.gather(1, index))
 
 
 class TwinBlockLayer(nn.Module):
@@ -269,12 +303,29 @@ class TransformerStack(nn.Module):
         self.layer = nn.ModuleList(TransformerLayer(sizes, cross_attention_size) for _ in range(num_layers))
 
     def forward(
-        self, x, mask=None, context=None, context_mask=None, causal: bool = False, first_token_only: bool = False
+        self,
+        x,
+        mask=None,
+        context=None,
+        context_mask=None,
+        causal: bool = False,
+        first_token_only: bool = False,
+        query_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, L, H); ``first_token_only``: the last layer computes position 0 alone, (B, 1, H)."""
+        """(B, L, H); ``first_token_only``: the last layer computes position 0 alone, (B, 1, H);
+        ``query_positions`` (B, Q): the last layer computes those positions alone, (B, Q, H)."""
         last = len(self.layer) - 1
         for depth, layer in enumerate(self.layer):
-            x = layer(x, mask, context, context_mask, causal, first_token_only=first_token_only and depth == last)
+            final = depth == last
+            x = layer(
+                x,
+                mask,
+                context,
+                context_mask,
+                causal,
+                first_token_only=first_token_only and final,
+                query_positions=query_positions if final else None,
+            )
         return x
 
 

@@ -73,6 +73,7 @@ from vlbench.models.layers import (
     MLPClassifier,
     MultiHeadAttention,
     PooledNativeHeads,
+    ReadPositions,
     ResidualLayerNorm,
     TextEmbeddings,
     TransformerLayer,
@@ -117,15 +118,22 @@ class CrossModalityLayer(nn.Module):
         vision: torch.Tensor,
         vision_mask: torch.Tensor | None,
         language_cls_only: bool = False,
+        language_positions: torch.Tensor | None = None,
+        vision_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(language, vision) states; ``language_cls_only`` (the last layer under a pooled-only reader): the
-        language [CLS] alone, (B, 1, H), and no vision stream (None) — the pooler reads nothing else."""
+        language [CLS] alone, (B, 1, H), and no vision stream (None) — the pooler reads nothing else.
+        ``language_positions`` / ``vision_positions`` (B, Q): each stream at those positions alone, (B, Q, H) (the
+        pre-training losses read the masked words, [CLS] and the labelled regions)."""
         # both directions read the streams as they entered the layer (the reference computes both, then updates)
         lang_read = self.cross_attention_output(self.cross_attention(language, vision, vision_mask), language)
         if language_cls_only:  # [CLS]'s self-attention reads every position of lang_read: that stays whole
             return self.language(lang_read, language_mask, first_token_only=True), None
         vis_read = self.cross_attention_output(self.cross_attention(vision, language, language_mask), vision)
-        return self.language(lang_read, language_mask), self.vision(vis_read, vision_mask)
+        return (
+            self.language(lang_read, language_mask, query_positions=language_positions),
+            self.vision(vis_read, vision_mask, query_positions=vision_positions),
+        )
 
 
 class ObjectPredictionHead(nn.Module):
@@ -285,11 +293,19 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
 
     # ----- pre-training -------------------------------------------------------------------------------------------
     def _forward(
-        self, input_ids, attention_mask, features, boxes, region_mask=None, token_type_ids=None, pooled_only=False
+        self,
+        input_ids,
+        attention_mask,
+        features,
+        boxes,
+        region_mask=None,
+        token_type_ids=None,
+        pooled_only=False,
+        read: tuple[ReadPositions, ReadPositions] | None = None,
     ):
         language = self._language_states(input_ids, attention_mask, token_type_ids)
         vision = self._object_states(features, boxes, region_mask)
-        return self._cross(language, attention_mask, vision, region_mask, pooled_only)
+        return self._cross(language, attention_mask, vision, region_mask, pooled_only, read)
 
     def _language_states(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         return self.language_encoder(self.embeddings(input_ids, token_type_ids), attention_mask)
@@ -297,12 +313,16 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
     def _object_states(self, features, boxes, region_mask=None) -> torch.Tensor:
         return self.object_encoder(self.visual_embeddings(features, boxes), region_mask)
 
-    def _cross(self, language, attention_mask, vision, region_mask=None, pooled_only=False) -> LxmertStreams:
+    def _cross(self, language, attention_mask, vision, region_mask=None, pooled_only=False, read=None) -> LxmertStreams:
         """The cross-modality layers and the pooler over the two unimodal streams (``pooled_only``: the last layer
-        computes the language [CLS] alone and no vision stream)."""
+        computes the language [CLS] alone and no vision stream; ``read``, (language, vision) positions: it computes
+        those alone — the language ones keep [CLS] first, for the pooler)."""
         last = len(self.cross_encoder) - 1
         for depth, layer in enumerate(self.cross_encoder):
-            language, vision = layer(language, attention_mask, vision, region_mask, pooled_only and depth == last)
+            positions = (None, None) if read is None or depth != last else (read[0].index, read[1].index)
+            language, vision = layer(
+                language, attention_mask, vision, region_mask, pooled_only and depth == last, *positions
+            )
         return LxmertStreams(language=language, vision=vision, pooled=torch.tanh(self.pooler(language[:, 0])))
 
     def corrupt(self, batch: Batch, step: int) -> PretrainInputs:
@@ -387,6 +407,13 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
         """Every objective from one forward pass over the corrupted batch (deterministic given ``inputs``). Losses
         counted per token, region or answer are means over the global batch (``BatchShard.mean``)."""
         shard = inputs.shard or BatchShard(inputs.input_ids.shape[0])
+        chosen = inputs.mlm_labels != -100
+        labelled = self._labelled_regions(inputs)
+        # skip_unread_states: the last cross-modality layer computes [CLS], the masked words and the labelled
+        # regions alone — all the losses below read
+        read = (
+            (ReadPositions.of(chosen, keep_first=True), ReadPositions.of(labelled)) if self.skip_unread_states else None
+        )
         streams = self._forward(
             inputs.input_ids,
             inputs.attention_mask,
@@ -394,12 +421,17 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
             inputs.region_boxes,
             inputs.region_mask,
             inputs.token_type_ids,
+            read=read,
+        )
+        words, regions = (
+            (streams.language[chosen], streams.vision[labelled])
+            if read is None
+            else (streams.language[read[0].picked], streams.vision[read[1].picked])
         )
         # the sums below are empty where nothing is masked or answerable here: zeros that keep every head in the graph
-        chosen = inputs.mlm_labels != -100
-        mlm = F.cross_entropy(self.mlm_head(streams.language[chosen]), inputs.mlm_labels[chosen], reduction="sum")
+        mlm = F.cross_entropy(self.mlm_head(words), inputs.mlm_labels[chosen], reduction="sum")
         losses = {"mlm": shard.mean(mlm, chosen.sum())}
-        losses.update(self._object_losses(streams.vision, inputs, shard))
+        losses.update(self._object_losses(regions, labelled, inputs, shard))
         losses["matched"] = F.cross_entropy(self.match_head(streams.pooled), inputs.matched)
         if inputs.qa_answers is not None:
             answerable = inputs.qa_answers >= 0
@@ -408,14 +440,18 @@ class LXMERT(PooledNativeHeads, VisionLanguageModel):
             losses["qa"] = shard.mean(qa, answerable.sum())
         return losses
 
+    def _labelled_regions(self, inputs: PretrainInputs) -> torch.Tensor:
+        """(B, K) bool: the regions the object losses read — every real one (``label_all_regions``) or the masked."""
+        return inputs.region_mask if self.cfg.label_all_regions else inputs.masked_regions
+
     def _object_losses(
-        self, vision: torch.Tensor, inputs: PretrainInputs, shard: BatchShard
+        self, regions: torch.Tensor, labelled: torch.Tensor, inputs: PretrainInputs, shard: BatchShard
     ) -> dict[str, torch.Tensor]:
-        """Masked-object losses; each a (confidence-weighted) mean over the real regions × the normaliser."""
+        """Masked-object losses from the ``labelled`` regions' states (N, H), in ``vision[labelled]`` order; each a
+        (confidence-weighted) mean over the real regions × the normaliser."""
         cfg, head = self.cfg, self.object_head
         real, masked = inputs.region_mask, inputs.masked_regions
-        labelled = real if cfg.label_all_regions else masked
-        hidden = head.transform(vision[labelled])  # (N, H)
+        hidden = head.transform(regions)  # (N, H)
         masked_among = masked[labelled]  # which of those rows are masked regions
         regression = F.smooth_l1_loss(
             head.feat(hidden[masked_among]), inputs.target_features[masked].to(hidden.dtype), reduction="none"

@@ -77,7 +77,14 @@ from vlbench.errors import VlbenchError
 from vlbench.models.base import Batch, JointEncoding, ModelContext, TextSizes, VisionLanguageModel
 from vlbench.models.checkpoints import read_state_dict
 from vlbench.models.global_batch import BatchShard
-from vlbench.models.layers import MaskedLMHead, PooledNativeHeads, TextEmbeddings, TransformerStack, init_bert_weights
+from vlbench.models.layers import (
+    MaskedLMHead,
+    PooledNativeHeads,
+    ReadPositions,
+    TextEmbeddings,
+    TransformerStack,
+    init_bert_weights,
+)
 from vlbench.models.losses import mask_caption_tokens, sample_mismatches
 from vlbench.registry import MODELS
 
@@ -246,11 +253,25 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
     ) -> JointEncoding:
         """The single-stream transformer over [text ; pixels]: tokens (B, L + N, H), their mask, pooled [CLS]
         (``pooled_only``: the last layer computes [CLS] alone; tokens None)."""
-        mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(pixel_tokens.shape[:2], dtype=torch.bool)], 1)
-        tokens = torch.cat([self.embeddings(input_ids, token_type_ids), pixel_tokens], dim=1)
-        states = self.encoder(tokens, mask, first_token_only=pooled_only)
+        states, mask = self._joint_states(input_ids, attention_mask, pixel_tokens, token_type_ids, pooled_only)
         pooled = torch.tanh(self.pooler(states[:, 0]))
         return JointEncoding(pooled=pooled, tokens=None if pooled_only else states, mask=mask)
+
+    def _joint_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_tokens: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        first_token_only: bool = False,
+        query_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states, mask) of the single stream over [text ; pixels]; the last layer computes [CLS] alone
+        (``first_token_only``) or the ``query_positions`` alone, if given."""
+        mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(pixel_tokens.shape[:2], dtype=torch.bool)], 1)
+        tokens = torch.cat([self.embeddings(input_ids, token_type_ids), pixel_tokens], dim=1)
+        states = self.encoder(tokens, mask, first_token_only=first_token_only, query_positions=query_positions)
+        return states, mask
 
     def encode(self, batch: Batch, pooled_only: bool = False) -> JointEncoding:
         pixels = self.pixel_tokens(batch["pixel_values"], sample=self.cfg.pixel_sample_in_finetune)
@@ -269,17 +290,26 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
         masked_ids, labels = mask_caption_tokens(ctx, input_ids, attention_mask, cfg.mlm_probability)
         if cfg.mlm_matched_only:
             labels = labels.masked_fill(~matched[:, None], -100)
-        encoding = self.fuse(masked_ids, attention_mask, pixels[image], batch.get("token_type_ids"))
+        chosen = labels != -100
+        pixels, token_type_ids = pixels[image], batch.get("token_type_ids")
+        if self.skip_unread_states:  # the last layer computes [CLS] (ITM) and the masked words (MLM) alone
+            over_pixels = chosen.new_zeros(pixels.shape[:2])
+            read = ReadPositions.of(torch.cat([chosen, over_pixels], dim=1), keep_first=True)
+            states, _ = self._joint_states(masked_ids, attention_mask, pixels, token_type_ids, False, read.index)
+            pooled, masked_states = torch.tanh(self.pooler(states[:, 0])), states[read.picked]
+        else:
+            encoding = self.fuse(masked_ids, attention_mask, pixels, token_type_ids)
+            pooled, masked_states = encoding.pooled, encoding.tokens[:, : input_ids.shape[1]][chosen]
         return {
-            "mlm": self._mlm_loss(encoding.tokens[:, : input_ids.shape[1]], labels),
-            "itm": F.cross_entropy(self.itm_head(encoding.pooled), matched.long()),
+            "mlm": self._mlm_loss(masked_states, labels[chosen]),
+            "itm": F.cross_entropy(self.itm_head(pooled), matched.long()),
         }
 
-    def _mlm_loss(self, text_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        chosen = labels != -100
-        if not chosen.any():  # nothing masked on a matched pair: a zero that keeps the head in the graph
-            return self.mlm_head(text_states[:0, 0]).sum()
-        return F.cross_entropy(self.mlm_head(text_states[chosen]), labels[chosen])
+    def _mlm_loss(self, masked_states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the masked words' states (N, H) and their targets (N,)."""
+        if not len(targets):  # nothing masked on a matched pair: a zero that keeps the head in the graph
+            return self.mlm_head(masked_states).sum()
+        return F.cross_entropy(self.mlm_head(masked_states), targets)
 
     # ----- retrieval ----------------------------------------------------------------------------------------------
     def _match_score(self, pooled: torch.Tensor) -> torch.Tensor:

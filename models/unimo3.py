@@ -58,6 +58,7 @@ from vlbench.models.checkpoints import resample_vit_pos_embeds
 from vlbench.models.layers import (
     MaskedLMHead,
     PooledNativeHeads,
+    ReadPositions,
     TextEncoder,
     TransformerLayer,
     build_vit,
@@ -181,11 +182,17 @@ class CrossModalLayer(nn.Module):
         vision_levels: torch.Tensor | None,
         text_levels: torch.Tensor | None,
         first_token_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        text_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Returns (text, vision, text gate weights | None, vision gate weights | None); the levels are the
         cross-layer ones each stream reads, standardised, (B, K, N, H) (None: in-layer only). ``first_token_only``:
-        each stream's [CLS] alone, (B, 1, H) (the gates still read the whole streams)."""
+        each stream's [CLS] alone, (B, 1, H) (the gates still read the whole streams). ``text_positions`` (B, Q):
+        the text stream at those positions alone, (B, Q, H), and no vision stream (None) — an MLM loss reads
+        nothing else."""
         vision_context, text_weights = gated_context(self.text_gate, text, text_mask, vision, vision_levels)
+        if text_positions is not None:
+            text_out = self.text(text, text_mask, vision_context, None, query_positions=text_positions)
+            return text_out, None, text_weights, None
         text_context, vision_weights = gated_context(self.vision_gate, vision, None, text, text_levels)
         text_out = self.text(text, text_mask, vision_context, None, first_token_only=first_token_only)
         vision_out = self.vision(vision, None, text_context, text_mask, first_token_only=first_token_only)
@@ -194,9 +201,10 @@ class CrossModalLayer(nn.Module):
 
 @dataclass
 class FusedStreams:
-    text: torch.Tensor  # (B, L, H) the cross-modal text stream's last layer ((B, 1, H): [CLS] alone, pooled_only)
-    vision: torch.Tensor  # (B, 1 + N, H) (or (B, 1, H))
-    pooled: torch.Tensor  # (B, 2H)
+    text: torch.Tensor  # (B, L, H) the cross-modal text stream's last layer ((B, 1, H): [CLS] alone, pooled_only;
+    # (B, Q, H): text_positions alone)
+    vision: torch.Tensor | None  # (B, 1 + N, H) (or (B, 1, H); None with text_positions)
+    pooled: torch.Tensor | None  # (B, 2H) (None with text_positions)
     text_gates: list[torch.Tensor | None]  # per layer: (B, K) weights over the vision levels the text stream read
     vision_gates: list[torch.Tensor | None]
 
@@ -225,10 +233,17 @@ class CrossModalEncoder(nn.Module):
         self.vision_pooler = nn.Linear(h, h)
 
     def forward(
-        self, text_levels: torch.Tensor, text_mask: torch.Tensor, image_levels: torch.Tensor, pooled_only: bool = False
+        self,
+        text_levels: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_levels: torch.Tensor,
+        pooled_only: bool = False,
+        text_positions: torch.Tensor | None = None,
     ) -> FusedStreams:
         """text_levels (B, Kt, L, Ht), image_levels (B, Kv, 1 + N, Dv): unimodal layers, the top one last.
-        ``pooled_only``: the last layer computes each stream's [CLS] alone (all the pooler reads)."""
+        ``pooled_only``: the last layer computes each stream's [CLS] alone (all the pooler reads);
+        ``text_positions`` (B, Q): it computes the text stream at those positions alone, no vision stream and no
+        pooled output (an MLM loss reads nothing else)."""
         text = self.text_norm(self.text_transform(text_levels[:, -1]))
         vision = self.vision_norm(self.vision_transform(image_levels[:, -1]))
         # cross-layer levels, standardised once for every layer that reads them: of the vision modality (read by the
@@ -246,13 +261,21 @@ class CrossModalEncoder(nn.Module):
                 read_by_text = torch.stack(vision_history[:depth], dim=1) if depth else None
                 read_by_vision = torch.stack(text_history[:depth], dim=1) if depth else None
             text, vision, text_weights, vision_weights = layer(
-                text, text_mask, vision, read_by_text, read_by_vision, first_token_only=pooled_only and depth == last
+                text,
+                text_mask,
+                vision,
+                read_by_text,
+                read_by_vision,
+                first_token_only=pooled_only and depth == last,
+                text_positions=text_positions if depth == last else None,
             )
             text_gates.append(text_weights)
             vision_gates.append(vision_weights)
             if self.source == "cross_modal" and depth + 1 < len(self.layer):
                 text_history.append(normalise_levels(text))
                 vision_history.append(normalise_levels(vision))
+        if vision is None:  # text_positions: nothing reads the pooled output
+            return FusedStreams(text, None, None, text_gates, vision_gates)
         pooled = torch.cat(
             [torch.tanh(self.text_pooler(text[:, 0])), torch.tanh(self.vision_pooler(vision[:, 0]))], dim=-1
         )
@@ -323,8 +346,9 @@ class UNIMO3(PooledNativeHeads, VisionLanguageModel):
         attention_mask: torch.Tensor,
         image_levels: torch.Tensor,
         pooled_only: bool = False,
+        text_positions: torch.Tensor | None = None,
     ) -> FusedStreams:
-        return self.cross_encoder(text_levels, attention_mask, image_levels, pooled_only)
+        return self.cross_encoder(text_levels, attention_mask, image_levels, pooled_only, text_positions)
 
     def fuse_batch(self, batch: Batch, pooled_only: bool = False) -> FusedStreams:
         mask = batch["attention_mask"]
@@ -414,6 +438,11 @@ class UNIMO3(PooledNativeHeads, VisionLanguageModel):
             self.ctx, input_ids, attention_mask, self.cfg.mlm_probability, shard=shard
         )
         chosen = labels != -100  # none here: an empty sum, a zero that keeps the head in the graph
-        fused = self.fuse(self.text_levels(masked_ids, attention_mask), attention_mask, image_levels)
-        mlm = F.cross_entropy(self.mlm_head(fused.text[chosen]), labels[chosen], reduction="sum")
+        text_levels = self.text_levels(masked_ids, attention_mask)
+        if self.skip_unread_states:  # the last layer computes the masked text positions alone, no vision stream
+            read = ReadPositions.of(chosen)
+            states = self.fuse(text_levels, attention_mask, image_levels, text_positions=read.index).text[read.picked]
+        else:
+            states = self.fuse(text_levels, attention_mask, image_levels).text[chosen]
+        mlm = F.cross_entropy(self.mlm_head(states), labels[chosen], reduction="sum")
         return shard.mean(mlm, chosen.sum())  # over the global batch's masked tokens

@@ -48,8 +48,9 @@ from vlbench.models.base import ModelContext
 BERT_VOCAB = 30522  # bert-base-uncased, LXMERT's tokenizer
 
 
-def _lxmert_pair(scale: str, device: torch.device):
-    """Our LXMERT at a scale's config (composed as the app does) and transformers' with the same weights."""
+def _lxmert_pair(scale: str, device: torch.device, all_states: bool = False):
+    """Our LXMERT at a scale's config (composed as the app does) and transformers' with the same weights; ours
+    skips the states its losses do not read as a run does (``trainer.skip_unread_states``) unless ``all_states``."""
     from hydra import compose, initialize_config_module
     from transformers import LxmertConfig, LxmertForPreTraining
 
@@ -63,6 +64,7 @@ def _lxmert_pair(scale: str, device: torch.device):
     )
     torch.manual_seed(0)
     ours = LXMERT(cfg, ctx)
+    ours.skip_unread_states = not all_states
     reference = LxmertForPreTraining(
         LxmertConfig(
             vocab_size=BERT_VOCAB,
@@ -166,7 +168,7 @@ def bench_lxmert(args: argparse.Namespace) -> dict[str, float]:
     """Our LXMERT vs transformers': samples/s of a full training step (forward, backward, AdamW) on the same data."""
     device = torch.device(args.device)
     use_threads(args.threads)
-    ours, reference, cfg = _lxmert_pair(args.scale, device)
+    ours, reference, cfg = _lxmert_pair(args.scale, device, getattr(args, "all_states", False))
     batch = _random_batch(cfg, args.batch_size, args.text_length, args.regions, device)
     torch.manual_seed(1)
     inputs = ours.corrupt(batch, step=0)  # one corruption, fed to both: the same inputs and labels
@@ -401,6 +403,10 @@ def add_lxmert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", action="store_true", help="then one profiled step each: GEMM / optimizer / rest")
+    parser.add_argument(
+        "--all-states", action="store_true",
+        help="ours computes every token state (trainer.skip_unread_states=false), as transformers' does",
+    )  # fmt: skip
     parser.add_argument(
         "--optimizer", choices=["auto", "fused", "foreach", "loop"], default="auto",
         help="AdamW's kernel for both models (auto: the runner's, fused; loop: torch's CPU default)",

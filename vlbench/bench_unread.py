@@ -57,7 +57,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     with torch.no_grad():
         for variant, (task, net, _) in built.items():
             net.eval()
-            losses[variant] = task.loss(net(batches[0]), batches[0]).item()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(cfg.seed)  # pre-training's masks and negatives: the same draws for both
+                losses[variant] = task.loss(net(batches[0]), batches[0]).item()
             net.train()
     position = dict.fromkeys(built, 0)
 

@@ -57,8 +57,10 @@ class TrainerConfig:
     # same numbers; once applied, a process keeps it.
     keep_freed_memory: bool = True
     # where a head or objective reads only the pooled [CLS] (the shared heads, ITM), the last fused layer computes
-    # [CLS] alone instead of every token nothing reads (models/base.py ``pooled_only_for``): the same function up to
-    # float rounding (tiny VQA runs: UNIMO-3 198 -> 161 s, LXMERT 96 -> 83 s). false: every token state, as before
+    # [CLS] alone instead of every token nothing reads (models/base.py ``pooled_only_for``); where a pre-training loss
+    # reads some positions (MLM's masked words, LXMERT's labelled regions), it computes those alone. The same function
+    # up to float rounding (tiny VQA runs: UNIMO-3 198 -> 161 s, LXMERT 96 -> 83 s); with dropout (base scale) the
+    # draws differ, from the same distribution. false: every token state, as before
     skip_unread_states: bool = True
     max_bad_steps: int = 5  # steps in a row with a non-finite loss or gradient norm (each skipped) before the run stops
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16

@@ -1,6 +1,9 @@
-"""``trainer.skip_unread_states``: where a head reads only the pooled [CLS], the last fused layer computes [CLS] alone.
+"""``trainer.skip_unread_states``: where a head reads only the pooled [CLS], the last fused layer computes [CLS] alone;
+where a pre-training loss reads some positions (masked words, labelled regions, [CLS]), it computes those alone.
 The same function — the pooled output, the losses and every gradient equal the full computation's up to float
 rounding — and the token states are None rather than wrong, so a reader of them fails loudly."""
+
+import copy
 
 import pytest
 import torch
@@ -9,7 +12,13 @@ from torch import nn
 from tests.models.test_layers import SIZES
 from tests.tasks.test_retrieval_cache import _model_and_batch
 from vlbench.models.base import JointEncoding, VisionLanguageModel, encode_for, pooled_only_for
-from vlbench.models.layers import PooledMLPHead, TextEncoder, TransformerLayer, TransformerStack
+from vlbench.models.layers import (
+    PooledMLPHead,
+    ReadPositions,
+    TextEncoder,
+    TransformerLayer,
+    TransformerStack,
+)
 from vlbench.tasks.answers import SharedAnswerHead
 from vlbench.tasks.nlvr2 import PairClassifierHead
 from vlbench.tasks.retrieval import SharedMatchHead, shared_matching_loss
@@ -48,6 +57,86 @@ def test_a_stack_prunes_its_last_layer_only():
     close(stack(x, first_token_only=True), stack(x)[:, :1])
     mask = torch.ones_like(ids)
     close(encoder(ids, mask, first_token_only=True), encoder(ids, mask)[:, :1])
+
+
+def test_read_positions_list_the_chosen_rows_in_order_padded_with_position_zero():
+    chosen = torch.tensor([[False, True, False, True], [False, False, False, False], [True, False, False, False]])
+    read = ReadPositions.of(chosen)
+    assert read.index.tolist() == [[1, 3], [0, 0], [0, 0]]
+    assert read.picked.tolist() == [[True, True], [False, False], [True, False]]
+    with_first = ReadPositions.of(chosen, keep_first=True)
+    assert with_first.index.tolist() == [[0, 1, 3], [0, 0, 0], [0, 0, 0]]
+    assert with_first.picked.tolist() == [[False, True, True], [False, False, False], [True, False, False]]
+    states = torch.arange(12.0).view(3, 4, 1)
+    for positions in (read, with_first):
+        gathered = states.gather(1, positions.index[..., None])
+        assert torch.equal(gathered[positions.picked], states[chosen])
+    nothing = ReadPositions.of(torch.zeros(2, 3, dtype=torch.bool))
+    assert nothing.index.shape == (2, 1) and not nothing.picked.any()
+
+
+def test_a_layer_and_a_stack_compute_chosen_positions_alone_as_the_full_ones_do():
+    torch.manual_seed(0)
+    layer = TransformerLayer(SIZES, cross_attention_size=24).eval()
+    x, context = torch.randn(3, 7, 32), torch.randn(3, 5, 24)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, -3:] = 0
+    context_mask = torch.ones(3, 5, dtype=torch.long)
+    context_mask[1, -2:] = 0
+    chosen = torch.zeros(3, 7, dtype=torch.bool)
+    chosen[0, [1, 2]], chosen[2, [0, 4, 6]] = True, True
+    read = ReadPositions.of(chosen)
+    some = layer(x, mask, context, context_mask, query_positions=read.index)
+    assert some.shape == (3, 3, 32)
+    close(some[read.picked], layer(x, mask, context, context_mask)[chosen])
+    with pytest.raises(ValueError, match="causal"):
+        layer(x, mask, causal=True, query_positions=read.index)
+    stack = TransformerStack(SIZES, 3).eval()
+    close(stack(x[..., :32], mask, query_positions=read.index)[read.picked], stack(x, mask)[chosen])
+
+
+def _last_layer_rows(model: nn.Module) -> list[int]:
+    """A hook that records how many rows each feed-forward of the model's transformer layers computes."""
+    rows: list[int] = []
+    for layer in model.modules():
+        if isinstance(layer, TransformerLayer):
+            layer.intermediate.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    return rows
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "lxmert_masked_labels"])
+def test_pretraining_losses_and_gradients_are_the_full_computations(name):
+    """Each family's pre-training objectives read some positions of the last fused layer (MLM: the masked words;
+    LXMERT: [CLS], the masked words, the labelled regions; Pixel-BERT: [CLS] and the masked words; UNIMO-3's MLM
+    pass: no vision state at all): the same losses and every parameter's gradient as computing every state, and
+    fewer rows computed."""
+    if name == "lxmert_masked_labels":
+        from tests.models.test_lxmert import make_batch, tiny_lxmert
+
+        model, batch = tiny_lxmert(label_all_regions=False).eval(), make_batch(batch_size=4)
+    else:
+        model, batch = _model_and_batch(name)
+    batch = {**batch, "image_ids": torch.arange(batch["input_ids"].shape[0])}
+    results = {}
+    for skip in (False, True):
+        net = copy.deepcopy(model)  # ALBEF's queues move on each call: both variants start from the same state
+        net.skip_unread_states = skip
+        rows = _last_layer_rows(net)
+        torch.manual_seed(5)
+        if net.ctx.sample_generator is not None:
+            net.ctx.sample_generator.manual_seed(5)
+        losses = net.pretrain_losses(batch, step=0)
+        sum(losses.values()).backward()
+        grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+        results[skip] = losses, grads, sum(rows)
+    (losses, grads, rows), (full_losses, full_grads, full_rows) = results[True], results[False]
+    assert losses.keys() == full_losses.keys() and len(losses) >= 2
+    for key in full_losses:
+        close(losses[key], full_losses[key], msg=key)
+    assert grads.keys() == full_grads.keys() and len(full_grads) > 20
+    for key in full_grads:
+        close(grads[key], full_grads[key], msg=key)
+    assert rows < full_rows
 
 
 @pytest.mark.parametrize("name", FAMILIES)
