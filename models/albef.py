@@ -124,9 +124,12 @@ class AlbefTowers(nn.Module):
         tokens = self.visual_encoder.forward_features(pixel_values)
         return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text tokens (B, L, H) and the normalised ITC feature (B, E)."""
-        tokens = self.text_encoder(input_ids, attention_mask)
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_token_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens (B, L, H) and the normalised ITC feature (B, E); ``first_token_only``: the last layer
+        computes [CLS] alone, (B, 1, H) — all the ITC feature reads."""
+        tokens = self.text_encoder(input_ids, attention_mask, first_token_only=first_token_only)
         return tokens, F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
 
     def fuse(
@@ -257,7 +260,7 @@ class ALBEF(VisionLanguageModel):
         return self.online.encode_image(batch["pixel_values"])[1]
 
     def embed_text(self, batch: Batch) -> torch.Tensor:
-        return self.online.encode_text(batch["input_ids"], batch["attention_mask"])[1]
+        return self.online.encode_text(batch["input_ids"], batch["attention_mask"], self.skip_unread_states)[1]
 
     def match_scores(self, batch: Batch) -> torch.Tensor:
         """The ITM head's positive logit for each (image, text) pair of the batch: the reference's rerank score."""
@@ -297,7 +300,8 @@ class ALBEF(VisionLanguageModel):
             if self.training and self.first_micro_batch:
                 self.momentum_step()
             image_tokens_m, image_feat_m = self.momentum_model.encode_image(batch["pixel_values"])
-            _, text_feat_m = self.momentum_model.encode_text(input_ids, attention_mask)
+            # the momentum text tokens feed its ITC feature alone (its MLM pass encodes the masked words anew)
+            _, text_feat_m = self.momentum_model.encode_text(input_ids, attention_mask, self.skip_unread_states)
 
         image_ids = batch.get("image_ids")
         positives = same_image = None
@@ -471,21 +475,26 @@ class AlbefTwoImageHead(TwoImageHead):
         attention_mask,
         images: tuple[torch.Tensor, torch.Tensor],
         layers: nn.ModuleList | None = None,
+        first_token_only: bool = False,
     ) -> torch.Tensor:
-        """The fused [CLS] (B, H) of a text with two images' tokens (through ``layers``, default the online ones)."""
+        """The fused [CLS] (B, H) of a text with two images' tokens (through ``layers``, default the online ones);
+        ``first_token_only`` (``trainer.skip_unread_states``): the last layer computes [CLS] alone."""
         masks = tuple(torch.ones(im.shape[:2], dtype=torch.bool, device=im.device) for im in images)
+        layers = self.layers if layers is None else layers
         x = text_tokens
-        for layer in self.layers if layers is None else layers:
-            x = layer(x, attention_mask, images, masks)
+        for depth, layer in enumerate(layers):
+            x = layer(x, attention_mask, images, masks, first_token_only=first_token_only and depth == len(layers) - 1)
         return x[:, 0]
 
-    def _pair_logits(self, towers: AlbefTowers, layers, cls_head, first: Batch, second: Batch) -> torch.Tensor:
+    def _pair_logits(
+        self, model: ALBEF, towers: AlbefTowers, layers, cls_head, first: Batch, second: Batch
+    ) -> torch.Tensor:
         images = tuple(towers.visual_encoder.forward_features(b["pixel_values"]) for b in (first, second))
         text = towers.text_encoder(first["input_ids"], first["attention_mask"])
-        return cls_head(self.fuse(text, first["attention_mask"], images, layers))
+        return cls_head(self.fuse(text, first["attention_mask"], images, layers, model.skip_unread_states))
 
     def pair_logits(self, model: ALBEF, first: Batch, second: Batch) -> torch.Tensor:
-        return self._pair_logits(model.online, self.layers, self.cls_head, first, second)
+        return self._pair_logits(model, model.online, self.layers, self.cls_head, first, second)
 
     def pair_teacher(self, model: ALBEF, first: Batch, second: Batch, step: int) -> tuple[torch.Tensor, float] | None:
         """The reference's NLVR2 distillation: logits of the momentum encoders, two-image layers and classifier
@@ -497,7 +506,7 @@ class AlbefTwoImageHead(TwoImageHead):
                 model.momentum_step()
                 momentum_update(self.layers, self.layers_m, self.momentum)
                 momentum_update(self.cls_head, self.cls_head_m, self.momentum)
-            teacher = self._pair_logits(model.momentum_model, self.layers_m, self.cls_head_m, first, second)
+            teacher = self._pair_logits(model, model.momentum_model, self.layers_m, self.cls_head_m, first, second)
         return teacher, model.alpha_at(step)
 
     def assignment_logits(self, model: ALBEF, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -510,5 +519,6 @@ class AlbefTwoImageHead(TwoImageHead):
         # their ITC features at a fixed temperature of 0.07
         sim_i2i = image_feat @ image_feat.t() / 0.07
         first, second, labels = text_assignment_pairs(sim_i2i.detach(), same_image, model.batch_shard(len(sim_i2i)))
-        pooled = self.fuse(text_tokens, batch["attention_mask"], (image_tokens[first], image_tokens[second]))
+        images = (image_tokens[first], image_tokens[second])
+        pooled = self.fuse(text_tokens, batch["attention_mask"], images, first_token_only=model.skip_unread_states)
         return self.ta_head(pooled), labels

@@ -219,9 +219,19 @@ class TwinBlockLayer(nn.Module):
         mask: torch.Tensor | None,
         contexts: tuple[torch.Tensor, torch.Tensor],
         context_masks: tuple[torch.Tensor | None, torch.Tensor | None],
+        first_token_only: bool = False,
     ) -> torch.Tensor:
+        """(B, L, H); ``first_token_only``: the second block computes [CLS] alone, (B, 1, H) (the first block's every
+        position feeds its self-attention)."""
         x = self.first(x, mask, contexts[0], context_masks[0])
-        return self.second(x, mask, contexts[1], context_masks[1], shared_key_value=self.first.crossattention)
+        return self.second(
+            x,
+            mask,
+            contexts[1],
+            context_masks[1],
+            shared_key_value=self.first.crossattention,
+            first_token_only=first_token_only,
+        )
 
 
 class TwinCrossAttentionLayer(nn.Module):
@@ -258,8 +268,11 @@ class TwinCrossAttentionLayer(nn.Module):
         mask: torch.Tensor | None,
         contexts: tuple[torch.Tensor, torch.Tensor],
         context_masks: tuple[torch.Tensor | None, torch.Tensor | None],
+        first_token_only: bool = False,
     ) -> torch.Tensor:
-        x = self.attention_output(self.attention(x, context_mask=mask), x)
+        """(B, L, H); ``first_token_only``: [CLS] alone, (B, 1, H), its query reading every position."""
+        rows = x[:, :1] if first_token_only else x
+        x = self.attention_output(self.attention(rows, context=x, context_mask=mask), rows)
         reads = [
             dense(cross(x, context, context_mask))
             for cross, dense, context, context_mask in zip(

@@ -178,3 +178,33 @@ def test_text_assignment_draws_come_from_the_shard_not_the_global_rng():
         for s in range(4, 9)
     ]
     assert any(not torch.equal(other, drawn[0]) for other in others)
+
+
+@pytest.mark.parametrize("merge", ["replicate", "linear"])
+def test_two_image_heads_read_the_cls_alone_when_skipping_unread_states(merge):
+    """NLVR2's and text assignment's heads read the fused [CLS] only: with ``skip_unread_states`` the last two-image
+    layer computes it alone — the same logits and every gradient as the full computation."""
+    import copy
+
+    base = tiny_albef(nlvr_merge=merge).eval()
+    first, second = make_batch(), make_batch()
+    second["pixel_values"] = torch.randn_like(second["pixel_values"])
+    batch = {**make_batch(), "image_ids": torch.arange(4)}
+    results = {}
+    for skip in (False, True):
+        model = copy.deepcopy(base)
+        model.skip_unread_states = skip
+        torch.manual_seed(0)  # the same initial head both ways
+        head = model.native_head("pair_classifier", 2)
+        torch.manual_seed(3)
+        pair = head.pair_logits(model, first, second)
+        assignment, _ = head.assignment_logits(model, batch)
+        (pair.sum() + assignment.square().sum()).backward()
+        grads = {n: p.grad for n, p in [*model.named_parameters(), *head.named_parameters()] if p.grad is not None}
+        results[skip] = (pair, assignment, grads)
+    for index in (0, 1):
+        torch.testing.assert_close(results[True][index], results[False][index], atol=1e-5, rtol=1e-4)
+    full, skipped = results[False][2], results[True][2]
+    assert full.keys() == skipped.keys() and len(full) > 20
+    for key in full:
+        torch.testing.assert_close(skipped[key], full[key], atol=1e-5, rtol=1e-4, msg=key)

@@ -180,13 +180,14 @@ def test_gradients_of_a_pooled_head_are_the_full_computations(name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_the_models_own_matching_scores_are_the_same_when_skipping(name):
+def test_the_models_own_matching_scores_and_text_embeddings_are_the_same_when_skipping(name):
     model, batch = _model_and_batch(name)
     with torch.no_grad():
         model.skip_unread_states = False
-        full = model.match_scores(batch)
+        full, full_text = model.match_scores(batch), model.embed_text(batch)
         model.skip_unread_states = True
         close(model.match_scores(batch), full)
+        close(model.embed_text(batch), full_text)
 
 
 @pytest.mark.parametrize("name", ["albef", "unimo3", "pixelbert"])
