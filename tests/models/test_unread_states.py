@@ -30,7 +30,8 @@ def close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4, msg=msg)
 
 
-def test_a_layer_computes_its_first_position_alone_as_the_full_layer_does():
+def _layer_with_padded_inputs():
+    """A layer with cross-attention and its inputs: padding in both the stream's and the context's masks."""
     torch.manual_seed(0)
     layer = TransformerLayer(SIZES, cross_attention_size=24).eval()
     x, context = torch.randn(3, 7, 32), torch.randn(3, 5, 24)
@@ -38,6 +39,11 @@ def test_a_layer_computes_its_first_position_alone_as_the_full_layer_does():
     mask[0, -3:] = 0
     context_mask = torch.ones(3, 5, dtype=torch.long)
     context_mask[1, -2:] = 0
+    return layer, x, mask, context, context_mask
+
+
+def test_a_layer_computes_its_first_position_alone_as_the_full_layer_does():
+    layer, x, mask, context, context_mask = _layer_with_padded_inputs()
     full = layer(x, mask, context, context_mask)
     first = layer(x, mask, context, context_mask, first_token_only=True)
     assert first.shape == (3, 1, 32)
@@ -76,13 +82,7 @@ def test_read_positions_list_the_chosen_rows_in_order_padded_with_position_zero(
 
 
 def test_a_layer_and_a_stack_compute_chosen_positions_alone_as_the_full_ones_do():
-    torch.manual_seed(0)
-    layer = TransformerLayer(SIZES, cross_attention_size=24).eval()
-    x, context = torch.randn(3, 7, 32), torch.randn(3, 5, 24)
-    mask = torch.ones(3, 7, dtype=torch.long)
-    mask[0, -3:] = 0
-    context_mask = torch.ones(3, 5, dtype=torch.long)
-    context_mask[1, -2:] = 0
+    layer, x, mask, context, context_mask = _layer_with_padded_inputs()
     chosen = torch.zeros(3, 7, dtype=torch.bool)
     chosen[0, [1, 2]], chosen[2, [0, 4, 6]] = True, True
     read = ReadPositions.of(chosen)
