@@ -151,7 +151,11 @@ class TransformerLayer(nn.Module):
         first_token_only: bool = False,
         query_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        rows = x[:, :1] if first_token_only else None if query_positions is None else gather_rows(x, query_positions)
+        rows = None  # the positions computed, when not all of them
+        if first_token_only:
+            rows = x[:, :1]
+        elif query_positions is not None:
+            rows = gather_rows(x, query_positions)
         if rows is not None:
             if causal:
                 raise ValueError("first_token_only/query_positions with causal self-attention: not the same function")

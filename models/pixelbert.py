@@ -295,7 +295,9 @@ class PixelBERT(PooledNativeHeads, VisionLanguageModel):
         if self.skip_unread_states:  # the last layer computes [CLS] (ITM) and the masked words (MLM) alone
             over_pixels = chosen.new_zeros(pixels.shape[:2])
             read = ReadPositions.of(torch.cat([chosen, over_pixels], dim=1), keep_first=True)
-            states, _ = self._joint_states(masked_ids, attention_mask, pixels, token_type_ids, False, read.index)
+            states, _ = self._joint_states(
+                masked_ids, attention_mask, pixels, token_type_ids, query_positions=read.index
+            )
             pooled, masked_states = torch.tanh(self.pooler(states[:, 0])), states[read.picked]
         else:
             encoding = self.fuse(masked_ids, attention_mask, pixels, token_type_ids)
