@@ -498,6 +498,35 @@ def checkpoint_transformer_blocks(module: nn.Module) -> int:
     return len(blocks)
 
 
+def compile_transformer_blocks(module: nn.Module, backend: str = "inductor", options: dict | None = None) -> int:
+    """``trainer.compile_scope=blocks``: torch.compile each transformer block under ``module`` (after activation
+    checkpointing, if on: the compiled function is the block's forward as it is then) — where a step spends its time
+    and its chains of element-wise work (residual adds, LayerNorm, GELU, dropout) that fusion removes. One compiled
+    function per kind of block: blocks of one kind share its graphs, so a model compiles a few graphs, once, while the
+    data-dependent code around the blocks (masking, picking the masked rows, sampling negatives) stays eager and
+    cannot break a graph or recompile it every step. Compiled only while training with gradients; evaluation and
+    no-grad forwards (momentum encoders) run the eager forward, as ``trainer.compile_scope=forward`` does. Sizes are
+    dynamic from the first compilation (masked counts and text lengths change every step: specialising first and
+    generalising after would compile each kind of block twice, which takes UNIMO-3 past dynamo's limit of 8 graphs a
+    function, where it silently runs eager). Weights, state-dict keys and deep copies are as before. Returns how many
+    blocks are compiled."""
+    compiled: dict[Any, Any] = {}
+    blocks = transformer_blocks(module)
+    for block in blocks:
+        eager = block.forward.__func__  # the class's forward, or the one activation checkpointing put in the instance
+        if eager not in compiled:
+            compiled[eager] = torch.compile(eager, backend=backend, options=options, dynamic=True)
+        block.forward = types.MethodType(functools.partial(_compiled_forward, eager, compiled[eager]), block)
+    return len(blocks)
+
+
+def _compiled_forward(eager: Any, compiled: Any, self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The block's compiled forward while training with gradients, else its eager one."""
+    if self.training and torch.is_grad_enabled():
+        return compiled(self, *args, **kwargs)
+    return eager(self, *args, **kwargs)
+
+
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
     """BERT's initialisation (normal(0, 0.02) for Linear/Embedding, unit LayerNorm); timm modules keep their own."""
     for m in module.modules():

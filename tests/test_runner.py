@@ -199,11 +199,12 @@ def train_losses(run_dir) -> list[float]:
 
 
 @pytest.mark.slow  # compiling on CPU takes a minute or more
-def test_compiled_training_matches_eager_and_saves_plain_keys(make_cfg, tmp_path):
+@pytest.mark.parametrize("scope", ["blocks", "forward"])
+def test_compiled_training_matches_eager_and_saves_plain_keys(make_cfg, tmp_path, scope):
     # textonly's shared VQA head has dropout (0.1): compiled dropout must draw eager's random numbers
     common = ("model=textonly", "trainer.max_steps=3", "trainer.test_checkpoint=last")
     eager = run(make_cfg(*common), tmp_path / "eager")
-    compiled = run(make_cfg(*common, "trainer.compile=true"), tmp_path / "compiled")
+    compiled = run(make_cfg(*common, "trainer.compile=true", f"trainer.compile_scope={scope}"), tmp_path / "compiled")
     assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), abs=1e-4)
     assert compiled["metrics"] == pytest.approx(eager["metrics"], abs=1e-6)
     a = load_file(tmp_path / "eager" / "checkpoints" / "last.safetensors")
@@ -211,7 +212,15 @@ def test_compiled_training_matches_eager_and_saves_plain_keys(make_cfg, tmp_path
     assert a.keys() == b.keys() and not any("_orig_mod" in k for k in b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
-    assert json.loads((tmp_path / "compiled" / "manifest.json").read_text())["compile"] is True
+    manifest = json.loads((tmp_path / "compiled" / "manifest.json").read_text())
+    assert manifest["compile"] is True and manifest["compile_scope"] == scope
+
+
+def test_an_unknown_compile_scope_is_refused_before_training(make_cfg, tmp_path):
+    bad = make_cfg("model=textonly", "trainer.max_steps=1", "trainer.compile=true", "trainer.compile_scope=layers")
+    with pytest.raises(VlbenchError, match="trainer.compile_scope='layers': expected blocks or forward"):
+        run(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "result.json").exists()
 
 
 def test_loader_workers_across_epochs_and_resume_change_no_result(make_cfg, tmp_path, monkeypatch):
@@ -254,7 +263,11 @@ def test_speed_switches_leave_the_config_hash(make_cfg):
     from vlbench.config_hash import config_hash
 
     switched = make_cfg(
-        "model=pixelbert", "trainer.compile=true", "model.channels_last=false", "trainer.optimizer_impl=loop"
+        "model=pixelbert",
+        "trainer.compile=true",
+        "trainer.compile_scope=forward",
+        "model.channels_last=false",
+        "trainer.optimizer_impl=loop",
     )
     assert config_hash(switched) == config_hash(make_cfg("model=pixelbert"))
     elsewhere = make_cfg("model=pixelbert", "trainer.log_every=7", "trainer.num_workers=2", "data.cache_dir=/x")

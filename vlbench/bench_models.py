@@ -10,9 +10,10 @@ step: matmuls, convolutions and attention — element-wise ops are not counted),
 a large GEMM at the same thread count. On CUDA, MFU against the device's nominal peak where we know it. Beside the
 training rate, the data loader's samples/s with the default worker count (``trainer.num_workers``), and the training
 step with every attention layer eager (softmax(QKᵀ/√d)V in explicit matmuls) instead of SDPA — SDPA's gain. With
-``--compile``, the training step with the forward compiled as ``trainer.compile=true`` compiles it (torch.compile,
-default mode): its steady-state samples/s, the ratio to eager, and the compilation time (reported apart: the extra
-time of the compiled warm-up steps over as many steady ones, recompilation for new text lengths included).
+``--compile``, the training step compiled as ``trainer.compile=true`` compiles it (torch.compile, default mode, of
+each transformer block or of the whole forward: ``trainer.compile_scope``): its steady-state samples/s, the ratio to
+eager, and the compilation time (reported apart: the extra time of the compiled warm-up steps over as many steady
+ones, recompilation for new text lengths included).
 LXMERT also gets its reference row: transformers' ``LxmertForPreTraining`` vs ours (``vlbench-bench lxmert``).
 ``--profile``: two more training steps under the profiler, split by kind of work (``vlbench.bench_profile``).
 
@@ -184,7 +185,7 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
         EpochShuffleSampler,
         autocast_context,
         build_optimizer,
-        compile_forward,
+        compile_for_training,
         pick_device,
         seed_everything,
     )
@@ -266,7 +267,7 @@ def bench_one(model_name: str, scale: str, args: argparse.Namespace) -> dict:
             eager_seconds = _median_seconds(train_step, args.eager_steps, device)
     compiled_seconds = compile_seconds = None
     if getattr(args, "compile", False):
-        compiled = compile_forward(net)
+        compiled = compile_for_training(net, tcfg.compile_scope)
 
         def compiled_step() -> None:
             train_step(compiled)

@@ -28,6 +28,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.activation_checkpointing",  # memory savers: the same numbers (a run may resume with or without them)
     "trainer.fsdp",
     "trainer.compile",  # speed only: the same numbers up to float rounding (compiled or not, channels-last or not)
+    "trainer.compile_scope",
     "model.channels_last",
     "trainer.optimizer_impl",  # AdamW's kernel (fused, foreach, loop): the same update up to float rounding
     "trainer.keep_freed_memory",  # how malloc keeps freed memory: the same numbers, bit for bit

@@ -64,7 +64,7 @@ from vlbench.host_memory import keep_freed_memory
 from vlbench.init_from import describe_report, load_init_weights, load_matching_head, resolve_init_source
 from vlbench.loggers import NullLogger, build_logger, drop_entries_after
 from vlbench.models.base import ModelContext, VisionLanguageModel
-from vlbench.models.layers import checkpoint_transformer_blocks, transformer_blocks
+from vlbench.models.layers import checkpoint_transformer_blocks, compile_transformer_blocks, transformer_blocks
 from vlbench.registry import MODELS, TASKS
 from vlbench.results import (
     RunRecord,
@@ -195,11 +195,20 @@ def autocast_context(device: torch.device, precision: str):
     return nullcontext()
 
 
-def compile_forward(module: nn.Module) -> nn.Module:
-    """``trainer.compile``: torch.compile in its default mode, sharing ``module``'s parameters (save ``module``: its
-    state-dict keys have no ``_orig_mod.`` prefix). ``fallback_random``: dropout draws eager's random numbers, so
-    compiling changes the speed of a run, not its losses."""
-    return torch.compile(module, options={"fallback_random": True})
+# ``fallback_random``: compiled dropout draws eager's random numbers, so compiling changes the speed of a run, not
+# its losses
+COMPILE_OPTIONS = {"fallback_random": True}
+
+
+def compile_for_training(module: nn.Module, scope: str) -> nn.Module:
+    """``trainer.compile``: the module to train with. ``blocks``: ``module`` itself, each of its transformer blocks
+    compiled for training (``compile_transformer_blocks``); ``forward``: torch.compile of the whole forward, default
+    mode, sharing ``module``'s parameters (save ``module``: its state-dict keys have no ``_orig_mod.`` prefix)."""
+    torch._dynamo.reset()  # an earlier job of a sweep in this process: its graphs would count against our limits
+    if scope == "blocks":
+        compile_transformer_blocks(module, options=COMPILE_OPTIONS)
+        return module
+    return torch.compile(module, options=COMPILE_OPTIONS)
 
 
 def build_optimizer(net: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer | None:
@@ -411,6 +420,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise VlbenchError(f"{record.result_path}: this run already finished; choose another run directory")
     if tcfg.test_checkpoint not in ("best", "last"):
         raise VlbenchError(f"trainer.test_checkpoint={tcfg.test_checkpoint!r}: expected best or last")
+    if tcfg.compile_scope not in ("blocks", "forward"):
+        raise VlbenchError(f"trainer.compile_scope={tcfg.compile_scope!r}: expected blocks or forward")
     if tcfg.max_bad_steps < 1:
         raise VlbenchError(f"trainer.max_bad_steps={tcfg.max_bad_steps}: expected at least 1")
     local_batch_size = procs.local_batch_size(tcfg.batch_size)
@@ -590,6 +601,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "per_device_batch_size": local_batch_size,
         "precision": effective_precision(tcfg.precision, device.type),  # what auto resolved to here
         "compile": tcfg.compile,
+        "compile_scope": tcfg.compile_scope if tcfg.compile else None,
         "init_from": init_report,
     }
 
@@ -715,8 +727,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         sample_generator.manual_seed(step_seed(cfg.seed, step))
         unused = unused_parameters(net, lambda: task.loss(net(probe), probe))
         train_net = procs.wrap(net, device, find_unused_parameters=procs.any(bool(unused)))
-    if tcfg.compile:  # checkpoints and evaluation use the eager `net`
-        train_net = compile_forward(train_net)
+    if tcfg.compile:  # after the probes above (eager); checkpoints and evaluation use the eager forward
+        train_net = compile_for_training(train_net, tcfg.compile_scope)
     if validation_due:
         validate_while_training()
     stop_at = tcfg.stop_at_step if 0 < tcfg.stop_at_step < tcfg.max_steps else tcfg.max_steps
