@@ -106,9 +106,12 @@ class BatchShard:
             tensor = F.pad(tensor, padding, value=pad_value)
         return all_gather_batch(tensor, with_grad)
 
+    @torch.compiler.disable
     def uniform(self, *shape: int, device: torch.device) -> torch.Tensor:
         """U[0, 1) draws (size, *shape): this rank's rows of one (global_size, *widest shape) draw — the draw one
-        process makes for the padded global batch — cut to this rank's shape."""
+        process makes for the padded global batch — cut to this rank's shape. Never compiled (a compiled forward,
+        ``trainer.compile_scope=forward``, calls it eager): dynamo fails on ``torch.rand`` with a generator once the
+        text length is a dynamic size (inductor, third step of a pre-training run)."""
         widest = self.widest(shape, device)
         drawn_on = self.generator.device if self.generator is not None else device
         draws = torch.rand((self.global_size, *widest), generator=self.generator, device=drawn_on)

@@ -98,3 +98,21 @@ def test_compiled_blocks_keep_their_keys_and_deep_copies_call_their_own_weights(
     torch.manual_seed(0)
     theirs = twin.train().pretrain_losses(batch, step=0)
     assert not torch.allclose(ours["mlm"], theirs["mlm"])
+
+
+def test_a_compiled_forward_draws_the_shards_numbers_eager_at_any_text_length():
+    """``trainer.compile_scope=forward`` compiles the masking code too: its draws are eager's, from the global RNG
+    or a generator, also once the text length is a dynamic size (dynamo failed there on ``torch.rand``)."""
+    from vlbench.models.global_batch import BatchShard
+
+    def masked_draws(ids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return BatchShard(ids.shape[0], generator=generator).uniform(ids.shape[1], 3, device=ids.device) * 2.0
+
+    compiled = torch.compile(masked_draws, backend="eager")
+    for length in (6, 7, 9):  # the second length makes it dynamic
+        for seeded in (False, True):
+            results = []
+            for fn in (compiled, masked_draws):
+                torch.manual_seed(length)
+                results.append(fn(torch.zeros(4, length), torch.Generator().manual_seed(3) if seeded else None))
+            torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)
