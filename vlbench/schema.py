@@ -64,7 +64,7 @@ class TrainerConfig:
     skip_unread_states: bool = True
     max_bad_steps: int = 5  # steps in a row with a non-finite loss or gradient norm (each skipped) before the run stops
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the training forward (default mode); evaluation and checkpoints stay eager
+    compile: bool = False  # torch.compile for training (default mode); evaluation and checkpoints stay eager
     # what compile compiles: blocks (each transformer block, one compiled function per kind of block; the masking and
     # loss code around them stays eager) | forward (the whole training forward: graph breaks and recompilations at
     # its data-dependent steps)

@@ -116,3 +116,21 @@ def test_a_compiled_forward_draws_the_shards_numbers_eager_at_any_text_length():
                 torch.manual_seed(length)
                 results.append(fn(torch.zeros(4, length), torch.Generator().manual_seed(3) if seeded else None))
             torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)
+
+
+def test_compiled_blocks_under_activation_checkpointing_train_as_eager():
+    """With ``trainer.activation_checkpointing`` the compiled function is the checkpointed forward."""
+    from vlbench.models.layers import checkpoint_transformer_blocks
+
+    model, batch = _model_and_batch("albef")
+    eager, compiled = model.train(), copy.deepcopy(model).train()
+    checkpoint_transformer_blocks(compiled)
+    compile_transformer_blocks(compiled, backend="eager")
+    losses, grads = _pretraining_step(compiled, batch, seed=3)
+    expected_losses, expected_grads = _pretraining_step(eager, batch, seed=3)
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"]
+    for key in expected_losses:
+        torch.testing.assert_close(losses[key], expected_losses[key], atol=1e-6, rtol=1e-5, msg=key)
+    for key, grad in expected_grads.items():
+        if grad is not None:
+            torch.testing.assert_close(grads[key], grad, atol=1e-6, rtol=1e-5, msg=key)
